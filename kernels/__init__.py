@@ -1,0 +1,1 @@
+"""Triton kernels of regionmed-fast, installed as ``regionmed_fast.kernels``."""

@@ -1,0 +1,64 @@
+"""``python -m regionmed_fast.info``: which backends can run here, and why others cannot."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from regionmed_fast import __version__, _ext
+from regionmed_fast.ops import _backend
+
+
+def collect() -> dict:
+    """Versions, devices and per-device backend availability as a JSON-able dict."""
+    mod, reason = _ext.load()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    info = {
+        "regionmed_fast": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "extension": "loaded" if mod is not None else reason,
+        "extension_cuda_kernels": _ext.has_cuda_kernels(),
+        "openmp_threads": mod.openmp_max_threads() if mod is not None else None,
+        "triton_interpret": _backend.triton_interpret(),
+        "backends": {d: _backend.report(d) for d in devices},
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception as exc:  # pragma: no cover - depends on the install
+        info["triton"] = f"missing ({exc})"
+    if not torch.cuda.is_available():
+        info["backends"]["cuda"] = {"all": "no CUDA device visible to torch"}
+    return info
+
+
+def main() -> None:
+    info = collect()
+    backends = info.pop("backends")
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    for device, table in backends.items():
+        print(f"\nbackends on {device}:")
+        for name, why in table.items():
+            print(f"  {name:<10} {why}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+def cli_main(argv: list[str]) -> int:
+    """``regionmed-fast info`` (``--json`` for machine-readable output)."""
+    if "--json" in argv:
+        import json
+
+        print(json.dumps(collect(), indent=2))
+    else:
+        main()
+    return 0
