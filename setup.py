@@ -31,8 +31,13 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cu_sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
+    # csrc/tests/ holds C++ test programs (with their own main) for the CMake build, not kernels.
+    def _kernel_sources(ext: str) -> list[str]:
+        found = glob.glob(os.path.join("csrc", "**", "*." + ext), recursive=True)
+        return sorted(p for p in found if not p.startswith(os.path.join("csrc", "tests", "")))
+
+    cpp_sources = _kernel_sources("cpp")
+    cu_sources = _kernel_sources("cu")
     force_cuda = os.environ.get("FORCE_CUDA") == "1"
     want_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and (force_cuda or torch.cuda.is_available()))
