@@ -1,0 +1,530 @@
+// CPU kernels of the ROI ops (schemas in roi.cpp, contract in INTERFACES.md).
+//
+// RoIAlign output bins and the fused region mean r_k are weighted sums of feature pixels: each
+// bin (or each whole roi, for roi_pool_fuse) is first reduced to a list of distinct
+// (pixel, weight) "taps" by summing the bilinear weights of all its samples per pixel. The
+// channel loops then touch each pixel once, forward and backward, and the fused op never forms
+// the [K, C, S, S] tensor.
+//
+// Parallelism (ATen's OpenMP pool): forward over (roi, bin) or (roi, channel block); backward
+// over channel blocks, each thread owning its slice of grad_features and visiting rois and taps
+// in a fixed order, so the backward is bitwise deterministic whatever the thread count.
+// Low-precision inputs accumulate in float32 (float64 for float64 inputs).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace regionmed::roi_cpu {
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+struct Tap {
+  int32_t idx;  // y * W + x inside one image plane
+  T w;
+};
+
+// Sampling geometry of one roi, exactly as torchvision's roi_align computes it.
+template <typename T>
+struct Geom {
+  int64_t batch;
+  T start_h, start_w, bin_h, bin_w;
+  int64_t grid_h, grid_w;
+  T inv_count;
+};
+
+template <typename T>
+Geom<T> make_geom(const T* roi, T scale, int64_t ph, int64_t pw, int64_t sampling_ratio,
+                  bool aligned, int64_t batch) {
+  for (int i = 0; i < 5; ++i) {
+    TORCH_CHECK(std::isfinite(static_cast<double>(roi[i])), "roi kernels: rois contain a non-finite value");
+  }
+  const auto b = static_cast<int64_t>(roi[0]);
+  TORCH_CHECK(b >= 0 && b < batch, "roi kernels: roi batch index ", b, " is outside [0, ", batch, ")");
+  const T off = aligned ? T(0.5) : T(0);
+  Geom<T> g;
+  g.batch = b;
+  g.start_w = roi[1] * scale - off;
+  g.start_h = roi[2] * scale - off;
+  T roi_w = roi[3] * scale - off - g.start_w;
+  T roi_h = roi[4] * scale - off - g.start_h;
+  if (!aligned) {  // torchvision forces malformed rois to 1x1 in the legacy mode
+    roi_w = std::max(roi_w, T(1));
+    roi_h = std::max(roi_h, T(1));
+  }
+  g.bin_h = roi_h / static_cast<T>(ph);
+  g.bin_w = roi_w / static_cast<T>(pw);
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(std::ceil(roi_h / static_cast<T>(ph)));
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(std::ceil(roi_w / static_cast<T>(pw)));
+  g.grid_h = std::max<int64_t>(g.grid_h, 0);
+  g.grid_w = std::max<int64_t>(g.grid_w, 0);
+  g.inv_count = T(1) / static_cast<T>(std::max<int64_t>(g.grid_h * g.grid_w, 1));
+  return g;
+}
+
+// Sums weights per pixel; emits taps in first-touch order (deterministic) and resets itself.
+template <typename T>
+struct Merger {
+  std::vector<T> acc;
+  std::vector<uint8_t> mark;
+  std::vector<int32_t> touched;
+  explicit Merger(int64_t n) : acc(n, T(0)), mark(n, 0) { touched.reserve(256); }
+  inline void add(int64_t i, T w) {
+    if (!mark[i]) {
+      mark[i] = 1;
+      touched.push_back(static_cast<int32_t>(i));
+    }
+    acc[i] += w;
+  }
+  void flush(std::vector<Tap<T>>& out) {
+    for (int32_t i : touched) {
+      if (acc[i] != T(0)) out.push_back({i, acc[i]});
+      acc[i] = T(0);
+      mark[i] = 0;
+    }
+    touched.clear();
+  }
+};
+
+// torchvision's bilinear_interpolate: samples beyond one pixel outside the map contribute 0,
+// others are clamped to the map.
+template <typename T>
+inline void add_sample(T y, T x, int64_t H, int64_t W, T scale, Merger<T>& m) {
+  if (y < T(-1) || y > static_cast<T>(H) || x < T(-1) || x > static_cast<T>(W)) return;
+  if (y <= T(0)) y = T(0);
+  if (x <= T(0)) x = T(0);
+  int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x), y_high, x_high;
+  if (y_low >= H - 1) {
+    y_high = y_low = H - 1;
+    y = static_cast<T>(y_low);
+  } else {
+    y_high = y_low + 1;
+  }
+  if (x_low >= W - 1) {
+    x_high = x_low = W - 1;
+    x = static_cast<T>(x_low);
+  } else {
+    x_high = x_low + 1;
+  }
+  const T ly = y - static_cast<T>(y_low), lx = x - static_cast<T>(x_low);
+  const T hy = T(1) - ly, hx = T(1) - lx;
+  m.add(y_low * W + x_low, hy * hx * scale);
+  m.add(y_low * W + x_high, hy * lx * scale);
+  m.add(y_high * W + x_low, ly * hx * scale);
+  m.add(y_high * W + x_high, ly * lx * scale);
+}
+
+// Adds every sample of bin (ph, pw) with weight `scale` / (samples per bin).
+template <typename T>
+inline void add_bin(const Geom<T>& g, int64_t ph, int64_t pw, int64_t H, int64_t W, T scale,
+                    Merger<T>& m) {
+  const T w = scale * g.inv_count;
+  for (int64_t iy = 0; iy < g.grid_h; ++iy) {
+    const T y = g.start_h + static_cast<T>(ph) * g.bin_h +
+                static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.grid_h);
+    for (int64_t ix = 0; ix < g.grid_w; ++ix) {
+      const T x = g.start_w + static_cast<T>(pw) * g.bin_w +
+                  static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.grid_w);
+      add_sample(y, x, H, W, w, m);
+    }
+  }
+}
+
+// Taps of every roi: per bin (offsets[k] has PH*PW+1 entries) or, with whole_roi, one list per
+// roi holding the mean over the bins (offsets[k] = {0, n}).
+template <typename T>
+struct RoiTaps {
+  std::vector<int64_t> batch;
+  std::vector<std::vector<Tap<T>>> taps;
+  std::vector<std::vector<int32_t>> offsets;
+};
+
+template <typename T>
+RoiTaps<T> build_taps(const T* rois, int64_t K, T scale, int64_t PH, int64_t PW, int64_t sr,
+                      bool aligned, int64_t B, int64_t H, int64_t W, bool whole_roi) {
+  RoiTaps<T> out;
+  out.batch.resize(K);
+  out.taps.resize(K);
+  out.offsets.resize(K);
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    Merger<T> m(H * W);
+    const T bin_scale = whole_roi ? T(1) / static_cast<T>(PH * PW) : T(1);
+    for (int64_t k = begin; k < end; ++k) {
+      const Geom<T> g = make_geom(rois + k * 5, scale, PH, PW, sr, aligned, B);
+      out.batch[k] = g.batch;
+      auto& taps = out.taps[k];
+      auto& offs = out.offsets[k];
+      offs.push_back(0);
+      for (int64_t ph = 0; ph < PH; ++ph) {
+        for (int64_t pw = 0; pw < PW; ++pw) {
+          add_bin(g, ph, pw, H, W, bin_scale, m);
+          if (!whole_roi) {
+            m.flush(taps);
+            offs.push_back(static_cast<int32_t>(taps.size()));
+          }
+        }
+      }
+      if (whole_roi) {
+        m.flush(taps);
+        offs.push_back(static_cast<int32_t>(taps.size()));
+      }
+    }
+  });
+  return out;
+}
+
+at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_common(const Tensor& x, const char* name, int64_t dim) {
+  TORCH_CHECK(x.device().is_cpu(), "roi cpu kernels: ", name, " must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == dim, "roi cpu kernels: ", name, " must have ", dim, " dims, got ", x.sizes());
+}
+
+Tensor prepare_rois(const Tensor& rois, at::ScalarType acc) {
+  check_common(rois, "rois", 2);
+  TORCH_CHECK(rois.size(1) == 5, "roi cpu kernels: rois must be [K, 5], got ", rois.sizes());
+  return rois.to(acc).contiguous();
+}
+
+constexpr int64_t kChannelBlock = 64;
+
+// ---------------------------------------------------------------- roi_align
+
+Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, double spatial_scale,
+                         int64_t PH, int64_t PW, int64_t sampling_ratio, bool aligned,
+                         bool channels_last) {
+  check_common(features_in, "features", 4);
+  TORCH_CHECK(PH > 0 && PW > 0, "roi_align_forward: pooled size must be positive");
+  const Tensor features = features_in.contiguous();
+  const Tensor rois = prepare_rois(rois_in, acc_type(features.scalar_type()));
+  const int64_t B = features.size(0);
+  const int64_t C = channels_last ? features.size(3) : features.size(1);
+  const int64_t H = channels_last ? features.size(1) : features.size(2);
+  const int64_t W = channels_last ? features.size(2) : features.size(3);
+  const int64_t K = rois.size(0);
+  Tensor out = at::empty({K, C, PH, PW}, features.options());
+  if (K == 0 || C == 0) return out;
+  TORCH_CHECK(H * W < INT32_MAX, "roi_align_forward: feature map too large");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "roi_align_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    const T* r = rois.const_data_ptr<T>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t nb = PH * PW, HW = H * W;
+    const T scale = static_cast<T>(spatial_scale);
+    const int64_t grain = std::max<int64_t>(1, 256 / C);
+    at::parallel_for(0, K * nb, grain, [&](int64_t begin, int64_t end) {
+      Merger<T> m(HW);
+      std::vector<Tap<T>> taps;
+      std::vector<T> acc(channels_last ? C : 0);
+      Geom<T> g{};
+      int64_t last_k = -1;
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = i / nb, bin = i % nb;
+        if (k != last_k) {
+          g = make_geom(r + k * 5, scale, PH, PW, sampling_ratio, aligned, B);
+          last_k = k;
+        }
+        taps.clear();
+        add_bin(g, bin / PW, bin % PW, H, W, T(1), m);
+        m.flush(taps);
+        const scalar_t* fb = f + g.batch * C * HW;
+        scalar_t* ok = o + k * C * nb + bin;
+        if (channels_last) {
+          std::fill(acc.begin(), acc.end(), T(0));
+          T* __restrict__ a = acc.data();
+          for (const auto& t : taps) {
+            const scalar_t* __restrict__ p = fb + static_cast<int64_t>(t.idx) * C;
+            for (int64_t c = 0; c < C; ++c) a[c] += t.w * static_cast<T>(p[c]);
+          }
+          for (int64_t c = 0; c < C; ++c) ok[c * nb] = static_cast<scalar_t>(a[c]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t* p = fb + c * HW;
+            T s = T(0);
+            for (const auto& t : taps) s += t.w * static_cast<T>(p[t.idx]);
+            ok[c * nb] = static_cast<scalar_t>(s);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// grad_features[b] += w * g for every tap of every roi of image b, with g a [C] row (NHWC) or
+// one channel's value (NCHW). `gval(k, bin, c)` reads the upstream gradient in acc precision.
+template <typename T, typename GRow>
+void scatter_taps(const RoiTaps<T>& rt, int64_t K, int64_t nb, int64_t C, int64_t HW,
+                  bool channels_last, T* __restrict__ gf, GRow grow) {
+  if (channels_last) {
+    const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
+    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        const int64_t c0 = blk * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+        for (int64_t k = 0; k < K; ++k) {
+          T* gb = gf + rt.batch[k] * HW * C;
+          const auto& taps = rt.taps[k];
+          const auto& offs = rt.offsets[k];
+          for (int64_t bin = 0; bin < nb; ++bin) {
+            const T* __restrict__ g = grow(k, bin);
+            for (int32_t j = offs[bin]; j < offs[bin + 1]; ++j) {
+              const T w = taps[j].w;
+              T* __restrict__ d = gb + static_cast<int64_t>(taps[j].idx) * C;
+              for (int64_t c = c0; c < c1; ++c) d[c] += w * g[c];
+            }
+          }
+        }
+      }
+    });
+  } else {
+    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t k = 0; k < K; ++k) {
+          T* __restrict__ d = gf + (rt.batch[k] * C + c) * HW;
+          const auto& taps = rt.taps[k];
+          const auto& offs = rt.offsets[k];
+          for (int64_t bin = 0; bin < nb; ++bin) {
+            const T g = grow(k, bin)[c];
+            if (g == T(0)) continue;
+            for (int32_t j = offs[bin]; j < offs[bin + 1]; ++j) d[taps[j].idx] += taps[j].w * g;
+          }
+        }
+      }
+    });
+  }
+}
+
+Tensor roi_align_backward(const Tensor& grad_in, const Tensor& rois_in, double spatial_scale,
+                          int64_t PH, int64_t PW, int64_t B, int64_t C, int64_t H, int64_t W,
+                          int64_t sampling_ratio, bool aligned, bool channels_last) {
+  check_common(grad_in, "grad", 4);
+  const auto acc = acc_type(grad_in.scalar_type());
+  const Tensor rois = prepare_rois(rois_in, acc);
+  const int64_t K = rois.size(0);
+  TORCH_CHECK(grad_in.size(0) == K && grad_in.size(1) == C && grad_in.size(2) == PH && grad_in.size(3) == PW,
+              "roi_align_backward: grad must be [K, C, PH, PW] = [", K, ", ", C, ", ", PH, ", ", PW,
+              "], got ", grad_in.sizes());
+  const std::vector<int64_t> shape = channels_last ? std::vector<int64_t>{B, H, W, C}
+                                                   : std::vector<int64_t>{B, C, H, W};
+  Tensor gf = at::zeros(shape, grad_in.options().dtype(acc));
+  if (K == 0 || C == 0) return gf.to(grad_in.scalar_type());
+  TORCH_CHECK(H * W < INT32_MAX, "roi_align_backward: feature map too large");
+  const int64_t nb = PH * PW, HW = H * W;
+  AT_DISPATCH_FLOATING_TYPES(acc, "roi_align_backward", [&] {
+    using T = scalar_t;
+    const RoiTaps<T> rt = build_taps(rois.const_data_ptr<T>(), K, static_cast<T>(spatial_scale),
+                                     PH, PW, sampling_ratio, aligned, B, H, W, false);
+    if (channels_last) {
+      // Rows of the upstream gradient per (roi, bin): [K, nb, C] in acc precision.
+      const Tensor g = grad_in.to(acc).reshape({K, C, nb}).transpose(1, 2).contiguous();
+      const T* gp = g.const_data_ptr<T>();
+      scatter_taps<T>(rt, K, nb, C, HW, true, gf.mutable_data_ptr<T>(),
+                      [&](int64_t k, int64_t bin) { return gp + (k * nb + bin) * C; });
+    } else {
+      // NCHW visits one channel at a time: read [K, C, nb] directly, strided by nb per channel.
+      const Tensor gc = grad_in.to(acc).contiguous();
+      const T* gcp = gc.const_data_ptr<T>();
+      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        T* gfp = gf.mutable_data_ptr<T>();
+        for (int64_t c = begin; c < end; ++c) {
+          for (int64_t k = 0; k < K; ++k) {
+            T* __restrict__ d = gfp + (rt.batch[k] * C + c) * HW;
+            const T* gk = gcp + (k * C + c) * nb;
+            const auto& taps = rt.taps[k];
+            const auto& offs = rt.offsets[k];
+            for (int64_t bin = 0; bin < nb; ++bin) {
+              const T gv = gk[bin];
+              if (gv == T(0)) continue;
+              for (int32_t j = offs[bin]; j < offs[bin + 1]; ++j) d[taps[j].idx] += taps[j].w * gv;
+            }
+          }
+        }
+      });
+    }
+  });
+  return gf.scalar_type() == grad_in.scalar_type() ? gf : gf.to(grad_in.scalar_type());
+}
+
+// ---------------------------------------------------------------- roi_pool_fuse
+
+std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
+    const Tensor& features_in, const Tensor& rois_in, const Tensor& global_in,
+    const Tensor& weight_in, const Tensor& bias_in, double spatial_scale, int64_t S,
+    int64_t sampling_ratio, bool aligned, bool channels_last) {
+  check_common(features_in, "features", 4);
+  check_common(global_in, "global_feat", 2);
+  check_common(weight_in, "gate_weight", 2);
+  TORCH_CHECK(S > 0, "roi_pool_fuse_forward: output_size must be positive");
+  const Tensor features = features_in.contiguous();
+  const auto acc = acc_type(features.scalar_type());
+  const Tensor rois = prepare_rois(rois_in, acc);
+  const int64_t B = features.size(0);
+  const int64_t C = channels_last ? features.size(3) : features.size(1);
+  const int64_t H = channels_last ? features.size(1) : features.size(2);
+  const int64_t W = channels_last ? features.size(2) : features.size(3);
+  const int64_t K = rois.size(0);
+  TORCH_CHECK(global_in.size(0) == B && global_in.size(1) == C,
+              "roi_pool_fuse_forward: global_feat must be [B, C] = [", B, ", ", C, "], got ", global_in.sizes());
+  TORCH_CHECK(weight_in.size(0) == 2 && weight_in.size(1) == C,
+              "roi_pool_fuse_forward: gate_weight must be [2, ", C, "], got ", weight_in.sizes());
+  TORCH_CHECK(bias_in.numel() == 1, "roi_pool_fuse_forward: gate_bias must have one element");
+  TORCH_CHECK(H * W < INT32_MAX, "roi_pool_fuse_forward: feature map too large");
+  const Tensor gl = global_in.to(acc).contiguous();
+  const Tensor wt = weight_in.to(acc).contiguous();
+  const Tensor bias = bias_in.to(acc).reshape({1}).contiguous();
+  Tensor r = at::zeros({K, C}, features.options().dtype(acc));
+  Tensor a = at::empty({K}, features.options().dtype(acc));
+  Tensor z = at::empty({K, C}, features.options());
+  if (K == 0) return {z, r, a};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "roi_pool_fuse_forward", [&] {
+    using T = at::opmath_type<scalar_t>;
+    const RoiTaps<T> rt = build_taps(rois.const_data_ptr<T>(), K, static_cast<T>(spatial_scale),
+                                     S, S, sampling_ratio, aligned, B, H, W, true);
+    const scalar_t* f = features.const_data_ptr<scalar_t>();
+    T* rp = r.mutable_data_ptr<T>();
+    const int64_t HW = H * W;
+    const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
+    at::parallel_for(0, K * nblk, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = i / nblk, c0 = (i % nblk) * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+        const scalar_t* fb = f + rt.batch[k] * C * HW;
+        T* __restrict__ rk = rp + k * C;
+        if (channels_last) {
+          for (const auto& t : rt.taps[k]) {
+            const scalar_t* __restrict__ p = fb + static_cast<int64_t>(t.idx) * C;
+            for (int64_t c = c0; c < c1; ++c) rk[c] += t.w * static_cast<T>(p[c]);
+          }
+        } else {
+          for (int64_t c = c0; c < c1; ++c) {
+            const scalar_t* p = fb + c * HW;
+            T s = T(0);
+            for (const auto& t : rt.taps[k]) s += t.w * static_cast<T>(p[t.idx]);
+            rk[c] = s;
+          }
+        }
+      }
+    });
+    const T* gp = gl.const_data_ptr<T>();
+    const T* w0 = wt.const_data_ptr<T>();
+    const T* w1 = w0 + C;
+    const T b0 = bias.const_data_ptr<T>()[0];
+    T* ap = a.mutable_data_ptr<T>();
+    scalar_t* zp = z.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const T* rk = rp + k * C;
+        const T* gk = gp + rt.batch[k] * C;
+        T s = b0;
+        for (int64_t c = 0; c < C; ++c) s += w0[c] * rk[c] + w1[c] * gk[c];
+        const T ak = T(1) / (T(1) + std::exp(-s));
+        ap[k] = ak;
+        for (int64_t c = 0; c < C; ++c) zp[k * C + c] = static_cast<scalar_t>(ak * rk[c] + (T(1) - ak) * gk[c]);
+      }
+    });
+  });
+  return {z, r, a};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
+    const Tensor& grad_z_in, const Tensor& rois_in, const Tensor& global_in,
+    const Tensor& weight_in, const Tensor& r_in, const Tensor& a_in, double spatial_scale,
+    int64_t S, int64_t sampling_ratio, bool aligned, bool channels_last, int64_t B, int64_t H,
+    int64_t W) {
+  check_common(grad_z_in, "grad_z", 2);
+  check_common(global_in, "global_feat", 2);
+  const auto acc = acc_type(grad_z_in.scalar_type());
+  const Tensor rois = prepare_rois(rois_in, acc);
+  const int64_t K = rois.size(0), C = global_in.size(1);
+  TORCH_CHECK(grad_z_in.size(0) == K && grad_z_in.size(1) == C,
+              "roi_pool_fuse_backward: grad_z must be [K, C] = [", K, ", ", C, "], got ", grad_z_in.sizes());
+  TORCH_CHECK(r_in.dim() == 2 && r_in.size(0) == K && r_in.size(1) == C, "roi_pool_fuse_backward: r must be [K, C]");
+  TORCH_CHECK(a_in.numel() == K, "roi_pool_fuse_backward: a must be [K]");
+  TORCH_CHECK(H * W < INT32_MAX, "roi_pool_fuse_backward: feature map too large");
+  const Tensor gz = grad_z_in.to(acc).contiguous();
+  const Tensor gl = global_in.to(acc).contiguous();
+  const Tensor wt = weight_in.to(acc).contiguous();
+  const Tensor r = r_in.to(acc).contiguous();
+  const Tensor a = a_in.to(acc).reshape({K}).contiguous();
+  const std::vector<int64_t> shape = channels_last ? std::vector<int64_t>{B, H, W, C}
+                                                   : std::vector<int64_t>{B, C, H, W};
+  Tensor gf = at::zeros(shape, gz.options());
+  Tensor g_global = at::zeros({B, C}, gz.options());
+  Tensor g_weight = at::zeros({2, C}, gz.options());
+  Tensor g_bias = at::zeros({1}, gz.options());
+  if (K > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc, "roi_pool_fuse_backward", [&] {
+      using T = scalar_t;
+      const RoiTaps<T> rt = build_taps(rois.const_data_ptr<T>(), K, static_cast<T>(spatial_scale),
+                                       S, S, sampling_ratio, aligned, B, H, W, true);
+      const T* gzp = gz.const_data_ptr<T>();
+      const T* gp = gl.const_data_ptr<T>();
+      const T* w0 = wt.const_data_ptr<T>();
+      const T* w1 = w0 + C;
+      const T* rp = r.const_data_ptr<T>();
+      const T* ap = a.const_data_ptr<T>();
+      // ds_k = dL/d(gate logit); grad_r = a * gz + ds * w0 (the gradient reaching the taps).
+      std::vector<T> ds(K);
+      Tensor grad_r = at::empty({K, C}, gz.options());
+      T* grp = grad_r.mutable_data_ptr<T>();
+      at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+        for (int64_t k = begin; k < end; ++k) {
+          const T* gzk = gzp + k * C;
+          const T* rk = rp + k * C;
+          const T* gk = gp + rt.batch[k] * C;
+          T da = T(0);
+          for (int64_t c = 0; c < C; ++c) da += gzk[c] * (rk[c] - gk[c]);
+          const T ak = ap[k];
+          const T d = da * ak * (T(1) - ak);
+          ds[k] = d;
+          for (int64_t c = 0; c < C; ++c) grp[k * C + c] = ak * gzk[c] + d * w0[c];
+        }
+      });
+      T* ggp = g_global.mutable_data_ptr<T>();
+      T* gwp = g_weight.mutable_data_ptr<T>();
+      at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+        for (int64_t k = 0; k < K; ++k) {  // rois in order: the scatter-add is deterministic
+          const T ak = ap[k], d = ds[k];
+          const T* gzk = gzp + k * C;
+          const T* rk = rp + k * C;
+          const T* gk = gp + rt.batch[k] * C;
+          T* ggk = ggp + rt.batch[k] * C;
+          for (int64_t c = begin; c < end; ++c) {
+            ggk[c] += (T(1) - ak) * gzk[c] + d * w1[c];
+            gwp[c] += d * rk[c];
+            gwp[C + c] += d * gk[c];
+          }
+        }
+      });
+      T db = T(0);
+      for (int64_t k = 0; k < K; ++k) db += ds[k];
+      g_bias.mutable_data_ptr<T>()[0] = db;
+      scatter_taps<T>(rt, K, 1, C, H * W, channels_last, gf.mutable_data_ptr<T>(),
+                      [&](int64_t k, int64_t) { return grp + k * C; });
+    });
+  }
+  const auto out_t = grad_z_in.scalar_type();
+  return {gf.to(out_t), g_global.to(global_in.scalar_type()), g_weight.to(weight_in.scalar_type()),
+          g_bias.to(weight_in.scalar_type())};
+}
+
+}  // namespace
+}  // namespace regionmed::roi_cpu
+
+TORCH_LIBRARY_IMPL(regionmed_fast_C, CPU, m) {
+  m.impl("roi_align_forward", &regionmed::roi_cpu::roi_align_forward);
+  m.impl("roi_align_backward", &regionmed::roi_cpu::roi_align_backward);
+  m.impl("roi_pool_fuse_forward", &regionmed::roi_cpu::roi_pool_fuse_forward);
+  m.impl("roi_pool_fuse_backward", &regionmed::roi_cpu::roi_pool_fuse_backward);
+}
