@@ -219,10 +219,20 @@ def iter_lines(path: str):
                 yield no, text
 
 
+def manifest_path(root: str, name: str = ANNOTATIONS) -> tuple[str, str]:
+    """(dataset folder, manifest file) of a folder or of a ``.jsonl`` file inside one (e.g. the
+    ``annotations.fixed.jsonl`` that ``validate --fix`` writes); image paths are relative to
+    the folder."""
+    root = os.fspath(root)
+    if root.endswith(".jsonl") and os.path.isfile(root):
+        return os.path.dirname(os.path.abspath(root)), root
+    return root, os.path.join(root, name)
+
+
 def scan_manifest(root: str, *, images: str = "header", name: str = ANNOTATIONS) -> tuple[ManifestReport, list[tuple[int, str, dict | None, list[Problem]]]]:
     """Check every line; return the report (all problems, every record error counted as
     skipped) and per-line details ``(line, raw text, record or None, problems)`` for --fix."""
-    path = os.path.join(root, name)
+    root, path = manifest_path(root, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no manifest (a dataset folder needs {name})")
     rep = ManifestReport()
@@ -276,14 +286,14 @@ def read_manifest(root: str, *, skip_bad: bool = False, images: str = "header",
             log.warning("%s (%d such in this manifest)", p, n)
     if rep.skipped:
         log.warning("%s: skipped %d bad record(s) of %d; first: %s",
-                    os.path.join(root, ANNOTATIONS), rep.skipped, rep.lines, errors[0])
+                    manifest_path(root)[1], rep.skipped, rep.lines, errors[0])
     return rep.records
 
 
 def read_qa(root: str) -> list[dict]:
     """``root/qa.jsonl`` records (``image``, ``question``, ``answer``); [] when absent.
     A malformed line raises ValueError naming file:line."""
-    path = os.path.join(root, QA)
+    path = os.path.join(manifest_path(root)[0], QA)
     if not os.path.isfile(path):
         return []
     out = []
