@@ -1,0 +1,101 @@
+"""The three losses of progressive training, on :func:`regionmed_fast.ops.chunked_clip_loss`.
+
+* ``global``: image embedding (``image_global``) vs the image-level text;
+* ``region``: fused region embedding (``region``) vs the region text;
+* ``fused``: region-aware image embedding (``image_fused``) vs the image-level text.
+
+Positives are given as group ids made from the (whitespace-normalised) text: two images with the
+same caption, or two regions with the same description ("a 4 mm nodule in the left upper
+zone"), are both correct for that text, not false negatives. The ids are a stable 63-bit hash
+of the text, so they agree across DDP ranks without exchanging strings.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+
+import torch
+
+from regionmed_fast.train.stages import Stage
+
+_WS = re.compile(r"\s+")
+
+
+def text_group_ids(texts: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """int64 ``[len(texts)]``: equal (whitespace-normalised) texts get equal ids on every rank."""
+    ids = []
+    for t in texts:
+        key = _WS.sub(" ", t).strip().encode("utf-8")
+        ids.append(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _loss_fn():
+    """The fused op when it has landed, else the private full-logits fallback (same math)."""
+    try:
+        from regionmed_fast.ops.loss import chunked_clip_loss
+    except ImportError:
+        from regionmed_fast.train._loss_fallback import chunked_clip_loss
+    return chunked_clip_loss
+
+
+def compute_losses(out: dict, batch: dict, stage: Stage, *, backend: str = "auto",
+                   chunk_size: int | None = None, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Weighted sum of the stage's losses over the (global, when ``group`` is given) batch.
+
+    ``out`` is ``RegionMedCLIP.forward(batch)``'s dict. Returns ``(total, parts)`` where ``parts``
+    maps each loss name to its unweighted scalar. A stage asking for region losses of a model
+    without an ROI processor is an error; a batch with no regions anywhere gives a region loss of
+    zero that still touches the region parameters (so DDP sees the same graph on every rank).
+    """
+    loss_fn = _loss_fn()
+    scale = out["logit_scale"]
+    bias = out.get("logit_bias")
+    beta = float(stage.hard_negative_beta)
+    kw = {"hard_negative_beta": beta, "chunk_size": chunk_size, "group": group}
+    if backend != "auto":
+        kw["backend"] = backend
+    device = out["text"].device
+    txt_ids = text_group_ids(batch["texts"], device)
+    parts: dict[str, torch.Tensor] = {}
+    total = None
+    for kind, weight in stage.losses.items():
+        if weight <= 0:
+            continue
+        if kind == "global":
+            loss = loss_fn(out["image_global"].float(), out["text"].float(), scale, bias,
+                           positives=(txt_ids, txt_ids), **kw)
+        elif kind == "fused":
+            if out.get("image_fused") is None:
+                raise RuntimeError(f"stage {stage.name!r} asks for the 'fused' loss but the model "
+                                   "returned no image_fused (is its ROI processor off, or were "
+                                   "the boxes dropped?)")
+            loss = loss_fn(out["image_fused"].float(), out["text"].float(), scale, bias,
+                           positives=(txt_ids, txt_ids), **kw)
+        else:  # region
+            region, region_text = out.get("region"), out.get("region_text")
+            if region is None or region_text is None:
+                raise RuntimeError(f"stage {stage.name!r} asks for the 'region' loss but the model "
+                                   "returned no region embeddings (is its ROI processor off?)")
+            flat = [t for texts in batch["region_texts"] for t in texts]
+            rid = text_group_ids(flat, device)
+            if _global_count(region.shape[0], group, device) == 0:
+                loss = region.sum() * 0.0 + region_text.sum() * 0.0
+            else:
+                loss = loss_fn(region.float(), region_text.float(), scale, bias,
+                               positives=(rid, rid), **kw)
+        parts[kind] = loss
+        total = loss * weight if total is None else total + loss * weight
+    assert total is not None  # parse_stage rejects all-zero weights
+    return total, parts
+
+
+def _global_count(k: int, group, device) -> int:
+    if group is None:
+        return k
+    import torch.distributed as dist
+
+    t = torch.tensor([k], dtype=torch.long, device=device)
+    dist.all_reduce(t, group=group)
+    return int(t.item())
