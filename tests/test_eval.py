@@ -351,7 +351,8 @@ def test_synthetic_end_to_end_grounding_vqa(tmp_path):
 
     synthetic.write_dataset(tmp_path / "syn", n=24, size=32, seed=0, split_fraction=0.4)
     tok = FakeTokenizer()
-    res = evaluate(FakeModel(tok), tmp_path / "syn", tasks="grounding,vqa", tokenizer=tok, image_size=32)
+    res = evaluate(FakeModel(tok), tmp_path / "syn", tasks="zeroshot,grounding,vqa", tokenizer=tok, image_size=32)
+    assert "multilabel_macro_auroc" in res["zeroshot"]["by_embedding"]["global"]
     assert res["vqa"]["qa_source"] == "qa.jsonl" and res["vqa"]["n_test"] > 0
     assert 0 <= res["vqa"]["accuracy"] <= 1
     assert res["grounding"]["pointing_game"]["n_queries"] > 0

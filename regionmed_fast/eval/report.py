@@ -197,9 +197,13 @@ def _markdown(res: dict, figures: list[str]) -> str:
             out.append(f"Classes ({len(z['classes'])}): {', '.join(z['classes'])}; support {z['support']}; "
                        f"{z['n_left_out']} images without a class label left out. Templates "
                        f"(`{z['template_set']}`, embeddings averaged): " + "; ".join(f"\"{t}\"" for t in z["templates"]) + ".\n")
+            ml = any("multilabel_macro_auroc" in v for v in z["by_embedding"].values())
             rows = [[k, _f(v["accuracy"], True), _f(v["balanced_accuracy"], True), _f(v["macro_auroc"], True),
-                     _f(v["accuracy_any_label"], True)] for k, v in z["by_embedding"].items()]
-            out.append(_table(["image embedding", "accuracy", "balanced acc.", "macro AUROC", "acc. (any label)"], rows))
+                     _f(v["accuracy_any_label"], True)] + ([_f(v.get("multilabel_macro_auroc"), True)] if ml else [])
+                    for k, v in z["by_embedding"].items()]
+            out.append(_table(["image embedding", "accuracy", "balanced acc.", "macro AUROC", "acc. (any label)"]
+                              + (["multi-label macro AUROC"] if ml else []), rows))
+            out.append("\nTarget = each image's first label among the classes; AUROC one-vs-rest on cosine scores.")
             out.append("")
     g = res.get("grounding")
     if g:

@@ -4,7 +4,8 @@ Class prompt embedding = L2-normalise(mean over templates of the normalised embe
 ``template.format(label=...)``) (the CLIP ensembling recipe). Each image's target is its first
 label that is one of the classes (its primary finding); ``accuracy_any`` also counts a
 prediction right when it is any of the image's labels. AUROC uses the raw cosine scores,
-one-vs-rest per class.
+one-vs-rest per class. When some image has several labels, ``multilabel_macro_auroc`` is added:
+per class, AUROC of its score for "the class is among the image's labels" over all images.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from .embed import EvalSet, Tokenizer, encode_texts
-from .metrics import accuracy, balanced_accuracy, confusion_matrix, macro_auroc
+from .metrics import accuracy, balanced_accuracy, binary_auroc, confusion_matrix, macro_auroc
 from .retrieval import image_embeddings
 
 TEMPLATES: dict[str, list[str]] = {
@@ -41,12 +42,14 @@ TEMPLATES: dict[str, list[str]] = {
 
 def pick_templates(records: Sequence[dict]) -> str:
     """Template set from what the records say about their modality (meta ``modality`` or text)."""
-    blob = " ".join(str(r.get("modality", "")) + " " + r.get("text", "")[:200] for r in records[:50]).lower()
-    if "dermoscop" in blob:
+    blob = " ".join(str(r.get("modality", "")) + " " + r.get("text", "")[:200] for r in records[:200]).lower()
+    derm = "dermoscop" in blob
+    chest = any(w in blob for w in ("x-ray", "xray", "radiograph", "chest"))
+    if derm and not chest:
         return "dermoscopy"
-    if "x-ray" in blob or "xray" in blob or "radiograph" in blob or "chest" in blob:
+    if chest and not derm:
         return "chest_xray"
-    return "generic"
+    return "generic"  # neither, or a mix of modalities
 
 
 def primary_labels(labels: Sequence[Sequence[str]], classes: Sequence[str] | None = None,
@@ -107,4 +110,10 @@ def evaluate_zeroshot(es: EvalSet, model, tokenizer: Tokenizer, *, classes: Sequ
             "per_class_auroc": dict(zip(classes, per)),
             "confusion_matrix": confusion_matrix(yt, pred, len(classes)).tolist(),
         }
+        if any(len(ls) > 1 for ls in es.labels):
+            all_scores = emb @ cemb.T
+            per_ml = [binary_auroc(torch.tensor([c in ls for ls in es.labels]), all_scores[:, j])
+                      for j, c in enumerate(classes)]
+            ok = [a for a in per_ml if a == a]
+            res["by_embedding"][kind]["multilabel_macro_auroc"] = sum(ok) / len(ok) if ok else float("nan")
     return res
