@@ -1,0 +1,575 @@
+"""Triton kernels of the ROI ops: RoIAlign and the fused RoIAlign-mean-gate ``roi_pool_fuse``.
+
+The four launchers keep the raw-kernel contract of INTERFACES.md (same names and arguments as
+``torch.ops.regionmed_fast_C.*``); validation of boxes happens in ``regionmed_fast/ops/roi.py``.
+
+Design (see also /tmp/team/README-roi-gpu.md):
+
+* torchvision's bilinear sampling is *separable*. The samples of one roi form a Cartesian grid
+  (y depends on (ph, iy) only, x on (pw, ix) only), the "outside the map" test is a per-axis
+  test and the clamping is per axis, so the weight of feature pixel (i, j) in bin (ph, pw) is
+  ``Ay[ph, i] * Ax[pw, j] / count`` with ``Ay[ph, i]`` the summed row weights of the bin's
+  y samples. A program therefore visits each feature pixel of a roi's support once (forward:
+  one coalesced [channels x columns] load per row; backward: one atomic add per pixel and
+  channel) instead of once per sample tap (4 taps x samples per bin, as torchvision does).
+* Grid: one program per (roi, channel block) for roi_align forward/backward and for the fused
+  backward; one program per roi for the fused forward, which needs the whole channel vector of
+  r_k before the scalar gate a_k can be formed (it loops over channel blocks twice).
+* Accumulation in float32 (float64 for float64 inputs). Backward scatters with relaxed
+  ``tl.atomic_add`` into float32/float64 buffers that the launcher casts to the grad dtype.
+* Feature addressing is by strides, so NCHW (channels_last=False) and NHWC (True) share the
+  kernels; with NHWC the channel stride is 1 and the loads/atomics are contiguous along C.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["roi_align_forward", "roi_align_backward", "roi_pool_fuse_forward",
+           "roi_pool_fuse_backward"]
+
+_SUPPORTED = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _autotune_enabled() -> bool:
+    # The interpreter has no driver to time configs with; REGIONMED_TRITON_AUTOTUNE=0 pins the
+    # first config on a GPU too (reproducible timings without a tuning pass).
+    return not _interpret() and os.environ.get("REGIONMED_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _configs(gpu: list[tuple[int, int]], interp_block_c: int) -> list[triton.Config]:
+    """Autotune candidates ``(BLOCK_C, num_warps)``; a single config when not tuning."""
+    if _interpret():
+        return [triton.Config({"BLOCK_C": interp_block_c}, num_warps=1)]
+    cands = gpu if _autotune_enabled() else gpu[:1]
+    return [triton.Config({"BLOCK_C": bc}, num_warps=nw) for bc, nw in cands]
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _scaled(v, scale_hi, scale_lo):
+    # Float arguments reach kernels as float32: float64 launches pass the scale as a float32
+    # pair (hi + lo, ~48 bits); the others pass lo = 0, which leaves v * hi unchanged.
+    return v * scale_hi + v * scale_lo
+
+
+@triton.jit
+def _roi_geometry(rois_ptr, k, scale_hi, scale_lo, sampling_ratio, PH: tl.constexpr,
+                  PW: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr):
+    """torchvision's per-roi sampling geometry (start, bin size, samples per bin, count)."""
+    base = rois_ptr + k.to(tl.int64) * 5
+    b = tl.load(base).to(tl.int32)
+    if ALIGNED:
+        off = 0.5
+    else:
+        off = 0.0
+    start_w = _scaled(tl.load(base + 1).to(ACC), scale_hi, scale_lo) - off
+    start_h = _scaled(tl.load(base + 2).to(ACC), scale_hi, scale_lo) - off
+    roi_w = _scaled(tl.load(base + 3).to(ACC), scale_hi, scale_lo) - off - start_w
+    roi_h = _scaled(tl.load(base + 4).to(ACC), scale_hi, scale_lo) - off - start_h
+    if not ALIGNED:  # legacy mode forces malformed rois to 1x1
+        roi_w = tl.maximum(roi_w, 1.0)
+        roi_h = tl.maximum(roi_h, 1.0)
+    bin_h = roi_h / PH
+    bin_w = roi_w / PW
+    adaptive = sampling_ratio <= 0
+    grid_h = tl.where(adaptive, tl.ceil(roi_h / PH).to(tl.int32), sampling_ratio)
+    grid_w = tl.where(adaptive, tl.ceil(roi_w / PW).to(tl.int32), sampling_ratio)
+    grid_h = tl.maximum(grid_h, 0)
+    grid_w = tl.maximum(grid_w, 0)
+    count = tl.maximum(grid_h * grid_w, 1).to(ACC)
+    return b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count
+
+
+@triton.jit
+def _tap_weight(pos, idx, size):
+    """Bilinear weight that a sample at ``pos`` puts on pixel ``idx`` along one axis of length
+    ``size`` (torchvision: 0 beyond one pixel outside, clamped to the edge otherwise)."""
+    valid = (pos >= -1.0) & (pos <= size)
+    last = size - 1.0
+    p = tl.minimum(tl.maximum(pos, 0.0), last)  # the clamp also keeps the int cast in range
+    low = p.to(tl.int32)
+    at_edge = p >= last
+    high = tl.where(at_edge, low, low + 1)
+    frac = p - low.to(p.dtype)
+    w = tl.where(low == idx, 1.0 - frac, 0.0) + tl.where(high == idx, frac, 0.0)
+    return tl.where(valid, w, 0.0)
+
+
+@triton.jit
+def _sample_pos(start, bin_sz, p_idx, s, grid):
+    # Same operation order as torchvision so that sample coordinates agree bit for bit.
+    return start + p_idx * bin_sz + (s + 0.5) * bin_sz / grid
+
+
+@triton.jit
+def _support(start, bin_sz, grid, P: tl.constexpr, size):
+    """Conservative [first, last] pixel range touched by the samples along one axis (empty
+    when the roi has no samples); pixels inside it may still get zero weight."""
+    gridf = tl.maximum(grid, 1).to(start.dtype)
+    first = _sample_pos(start, bin_sz, 0, 0, gridf)
+    last = _sample_pos(start, bin_sz, P - 1, (gridf - 1.0), gridf)
+    top = size - 1.0
+    lo = tl.minimum(tl.maximum(first, 0.0), top).to(tl.int32)
+    hi = tl.minimum(tl.minimum(tl.maximum(last, 0.0), top).to(tl.int32) + 1, size - 1)
+    hi = tl.where(grid > 0, hi, lo - 1)
+    return lo, hi
+
+
+@triton.jit
+def _axis_weights(start, bin_sz, grid, p_idx, pix, size):
+    """``A[p, pix]``: summed weight of bin p's samples on pixel ``pix`` along one axis.
+    ``p_idx`` is a vector of bin indices (masked to the valid bins by the caller) and ``pix``
+    a scalar or a vector (giving a 2D [bins, pixels] result)."""
+    gridf = tl.maximum(grid, 1).to(start.dtype)
+    acc = tl.zeros_like(_tap_weight(_sample_pos(start, bin_sz, p_idx, 0, gridf), pix, size))
+    for s in range(0, grid):
+        pos = _sample_pos(start, bin_sz, p_idx, s, gridf)
+        acc += _tap_weight(pos, pix, size)
+    return acc
+
+
+# ----------------------------------------------------------------------------- roi_align
+
+def _align_fwd_configs():
+    return _configs([(32, 4), (64, 4), (16, 2), (64, 8)], interp_block_c=32)
+
+
+@triton.autotune(configs=_align_fwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"])
+@triton.jit(do_not_specialize=["sampling_ratio"])
+def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampling_ratio,
+                          C, H, W, s_b, s_c, s_y, s_x,
+                          PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr,
+                          CL: tl.constexpr, ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
+                          BLOCK_PW: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, PH, PW, ALIGNED, ACC)
+    hf = H * 1.0
+    wf = W * 1.0
+    ph = tl.arange(0, BLOCK_PH)
+    pw = tl.arange(0, BLOCK_PW)
+    jj = tl.arange(0, BLOCK_J)
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    ph_f = ph.to(ACC)
+    pw_f = pw.to(ACC)
+    feat_b = feat_ptr + b.to(tl.int64) * s_b
+    acc = tl.zeros([BLOCK_C, BLOCK_PH, BLOCK_PW], dtype=ACC)
+    r0, r1 = _support(start_h, bin_h, grid_h, PH, H)
+    c0, c1 = _support(start_w, bin_w, grid_w, PW, W)
+    for j0 in range(c0, c1 + 1, BLOCK_J):
+        j = j0 + jj
+        ax = _axis_weights(start_w, bin_w, grid_w, pw_f[:, None], j[None, :], wf)      # [PW, J]
+        ax = tl.where((pw < PW)[:, None], ax, 0.0)
+        jmask = (j <= c1) & (tl.sum(ax, axis=0) > 0.0)
+        for i in range(r0, r1 + 1):
+            ay = _axis_weights(start_h, bin_h, grid_h, ph_f, i, hf)           # [PH]
+            ay = tl.where(ph < PH, ay, 0.0)
+            if tl.sum(ay, axis=0) > 0.0:
+                ptrs = feat_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+                f = tl.load(ptrs, mask=cmask[:, None] & jmask[None, :], other=0.0).to(ACC)
+                t = tl.sum(f[:, None, :] * ax[None, :, :], axis=2)             # [C, PW]
+                acc += t[:, None, :] * ay[None, :, None]
+    acc = acc / count
+    out_base = out_ptr + k.to(tl.int64) * C * PH * PW
+    optrs = out_base + cc[:, None, None] * (PH * PW) + ph[None, :, None] * PW + pw[None, None, :]
+    omask = cmask[:, None, None] & (ph < PH)[None, :, None] & (pw < PW)[None, None, :]
+    tl.store(optrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+def _align_bwd_configs():
+    return _configs([(32, 4), (64, 4), (16, 2), (64, 8)], interp_block_c=32)
+
+
+@triton.autotune(configs=_align_bwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"],
+                 reset_to_zero=["gfeat_ptr"])
+@triton.jit(do_not_specialize=["sampling_ratio"])
+def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sampling_ratio,
+                          C, H, W, s_b, s_c, s_y, s_x,
+                          PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr,
+                          CL: tl.constexpr, ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
+                          BLOCK_PW: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, PH, PW, ALIGNED, ACC)
+    hf = H * 1.0
+    wf = W * 1.0
+    ph = tl.arange(0, BLOCK_PH)
+    pw = tl.arange(0, BLOCK_PW)
+    jj = tl.arange(0, BLOCK_J)
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    ph_f = ph.to(ACC)
+    pw_f = pw.to(ACC)
+    # The roi's output gradient for this channel block stays in registers: [C, PH, PW].
+    g_base = grad_ptr + k.to(tl.int64) * C * PH * PW
+    gptrs = g_base + cc[:, None, None] * (PH * PW) + ph[None, :, None] * PW + pw[None, None, :]
+    gmask = cmask[:, None, None] & (ph < PH)[None, :, None] & (pw < PW)[None, None, :]
+    g = tl.load(gptrs, mask=gmask, other=0.0).to(ACC) / count
+    gf_b = gfeat_ptr + b.to(tl.int64) * s_b
+    r0, r1 = _support(start_h, bin_h, grid_h, PH, H)
+    c0, c1 = _support(start_w, bin_w, grid_w, PW, W)
+    for j0 in range(c0, c1 + 1, BLOCK_J):
+        j = j0 + jj
+        ax = _axis_weights(start_w, bin_w, grid_w, pw_f[:, None], j[None, :], wf)      # [PW, J]
+        ax = tl.where((pw < PW)[:, None], ax, 0.0)
+        jmask = (j <= c1) & (tl.sum(ax, axis=0) > 0.0)
+        for i in range(r0, r1 + 1):
+            ay = _axis_weights(start_h, bin_h, grid_h, ph_f, i, hf)           # [PH]
+            ay = tl.where(ph < PH, ay, 0.0)
+            if tl.sum(ay, axis=0) > 0.0:
+                u = tl.sum(g * ay[None, :, None], axis=1)                      # [C, PW]
+                d = tl.sum(u[:, :, None] * ax[None, :, :], axis=1)             # [C, J]
+                ptrs = gf_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+                tl.atomic_add(ptrs, d, mask=cmask[:, None] & jmask[None, :], sem="relaxed")
+
+
+# ----------------------------------------------------------------------------- roi_pool_fuse
+
+@triton.jit
+def _region_sum(feat_b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, cc, cmask, H, W,
+                s_c, s_y, s_x, S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
+                BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+    """sum over the roi's pixels of wy[i] * wx[j] * F[i, j, c] for one channel block, where
+    wy / wx are the row / column weights summed over all bins and samples."""
+    hf = H * 1.0
+    wf = W * 1.0
+    sb = tl.arange(0, BLOCK_S)
+    sb_f = sb.to(ACC)
+    jj = tl.arange(0, BLOCK_J)
+    acc = tl.zeros([BLOCK_C, BLOCK_J], dtype=ACC)
+    r0, r1 = _support(start_h, bin_h, grid_h, S, H)
+    c0, c1 = _support(start_w, bin_w, grid_w, S, W)
+    for j0 in range(c0, c1 + 1, BLOCK_J):
+        j = j0 + jj
+        ax = _axis_weights(start_w, bin_w, grid_w, sb_f[:, None], j[None, :], wf)      # [S, J]
+        wx = tl.sum(tl.where((sb < S)[:, None], ax, 0.0), axis=0)             # [J]
+        jmask = (j <= c1) & (wx > 0.0)
+        for i in range(r0, r1 + 1):
+            ay = _axis_weights(start_h, bin_h, grid_h, sb_f, i, hf)
+            wy = tl.sum(tl.where(sb < S, ay, 0.0), axis=0)
+            if wy > 0.0:
+                ptrs = feat_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+                f = tl.load(ptrs, mask=cmask[:, None] & jmask[None, :], other=0.0).to(ACC)
+                acc += f * (wy * wx)[None, :]
+    return tl.sum(acc, axis=1)
+
+
+def _fuse_fwd_configs():
+    return _configs([(128, 4), (64, 4), (256, 8), (128, 8)], interp_block_c=64)
+
+
+@triton.autotune(configs=_fuse_fwd_configs(), key=["C", "H", "W", "S", "CL"])
+@triton.jit(do_not_specialize=["sampling_ratio"])
+def _roi_pool_fuse_fwd_kernel(feat_ptr, rois_ptr, glob_ptr, wgt_ptr, bias_ptr, z_ptr, r_ptr,
+                              a_ptr, scale_hi, scale_lo, sampling_ratio, C, H, W,
+                              s_b, s_c, s_y, s_x, S: tl.constexpr, ALIGNED: tl.constexpr,
+                              CL: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                              BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    k = tl.program_id(0)
+    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, S, S, ALIGNED, ACC)
+    norm = count * (S * S)
+    feat_b = feat_ptr + b.to(tl.int64) * s_b
+    glob_b = glob_ptr + b.to(tl.int64) * C
+    r_k = r_ptr + k.to(tl.int64) * C
+    logit = tl.load(bias_ptr).to(ACC)
+    for c_start in range(0, C, BLOCK_C):
+        cc = c_start + tl.arange(0, BLOCK_C)
+        cmask = cc < C
+        r = _region_sum(feat_b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, cc, cmask, H, W,
+                        s_c, s_y, s_x, S, BLOCK_S, BLOCK_J, BLOCK_C, ACC) / norm
+        g = tl.load(glob_b + cc, mask=cmask, other=0.0).to(ACC)
+        w0 = tl.load(wgt_ptr + cc, mask=cmask, other=0.0).to(ACC)
+        w1 = tl.load(wgt_ptr + C + cc, mask=cmask, other=0.0).to(ACC)
+        logit += tl.sum(w0 * r + w1 * g, axis=0)
+        tl.store(r_k + cc, r, mask=cmask)
+    a = 1.0 / (1.0 + tl.exp(-logit))
+    tl.store(a_ptr + k, a)
+    # r_k was written above by this program; the barrier makes it visible across its threads.
+    tl.debug_barrier()
+    z_k = z_ptr + k.to(tl.int64) * C
+    for c_start in range(0, C, BLOCK_C):
+        cc = c_start + tl.arange(0, BLOCK_C)
+        cmask = cc < C
+        r = tl.load(r_k + cc, mask=cmask, other=0.0)
+        g = tl.load(glob_b + cc, mask=cmask, other=0.0).to(ACC)
+        tl.store(z_k + cc, (a * r + (1.0 - a) * g).to(z_ptr.dtype.element_ty), mask=cmask)
+
+
+def _fuse_bwd_configs():
+    return _configs([(128, 4), (64, 4), (64, 2), (256, 8)], interp_block_c=64)
+
+
+@triton.autotune(configs=_fuse_bwd_configs(), key=["C", "H", "W", "S", "CL"],
+                 reset_to_zero=["gfeat_ptr", "gglob_ptr", "gw_ptr", "gb_ptr"])
+@triton.jit(do_not_specialize=["sampling_ratio"])
+def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
+                              gfeat_ptr, gglob_ptr, gw_ptr, gb_ptr,
+                              scale_hi, scale_lo, sampling_ratio, C, H, W,
+                              s_b, s_c, s_y, s_x, S: tl.constexpr, ALIGNED: tl.constexpr,
+                              CL: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                              BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
+    k = tl.program_id(0)
+    cb = tl.program_id(1)
+    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, S, S, ALIGNED, ACC)
+    norm = count * (S * S)
+    gz_k = gz_ptr + k.to(tl.int64) * C
+    r_k = r_ptr + k.to(tl.int64) * C
+    glob_b = glob_ptr + b.to(tl.int64) * C
+    a = tl.load(a_ptr + k).to(ACC)
+    # dL/da needs the whole channel vector; every channel block recomputes it (3 reads of C
+    # values, cheaper than a second launch).
+    da = a * 0.0  # an ACC-typed zero: the loop-carried type must not change
+    for c_start in range(0, C, BLOCK_C):
+        cc = c_start + tl.arange(0, BLOCK_C)
+        cmask = cc < C
+        gz = tl.load(gz_k + cc, mask=cmask, other=0.0).to(ACC)
+        r = tl.load(r_k + cc, mask=cmask, other=0.0).to(ACC)
+        g = tl.load(glob_b + cc, mask=cmask, other=0.0).to(ACC)
+        da += tl.sum(gz * (r - g), axis=0)
+    ds = da * a * (1.0 - a)
+    cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cc < C
+    gz = tl.load(gz_k + cc, mask=cmask, other=0.0).to(ACC)
+    r = tl.load(r_k + cc, mask=cmask, other=0.0).to(ACC)
+    g = tl.load(glob_b + cc, mask=cmask, other=0.0).to(ACC)
+    w0 = tl.load(wgt_ptr + cc, mask=cmask, other=0.0).to(ACC)
+    w1 = tl.load(wgt_ptr + C + cc, mask=cmask, other=0.0).to(ACC)
+    tl.atomic_add(gglob_ptr + b.to(tl.int64) * C + cc, (1.0 - a) * gz + ds * w1, mask=cmask,
+                  sem="relaxed")
+    tl.atomic_add(gw_ptr + cc, ds * r, mask=cmask, sem="relaxed")
+    tl.atomic_add(gw_ptr + C + cc, ds * g, mask=cmask, sem="relaxed")
+    if cb == 0:
+        tl.atomic_add(gb_ptr, ds, sem="relaxed")
+    dr = (a * gz + ds * w0) / norm
+    # Scatter dr through the separable roi weights: one atomic per (pixel, channel).
+    hf = H * 1.0
+    wf = W * 1.0
+    sb = tl.arange(0, BLOCK_S)
+    sb_f = sb.to(ACC)
+    jj = tl.arange(0, BLOCK_J)
+    gf_b = gfeat_ptr + b.to(tl.int64) * s_b
+    r0, r1 = _support(start_h, bin_h, grid_h, S, H)
+    c0, c1 = _support(start_w, bin_w, grid_w, S, W)
+    for j0 in range(c0, c1 + 1, BLOCK_J):
+        j = j0 + jj
+        ax = _axis_weights(start_w, bin_w, grid_w, sb_f[:, None], j[None, :], wf)
+        wx = tl.sum(tl.where((sb < S)[:, None], ax, 0.0), axis=0)
+        jmask = (j <= c1) & (wx > 0.0)
+        for i in range(r0, r1 + 1):
+            ay = _axis_weights(start_h, bin_h, grid_h, sb_f, i, hf)
+            wy = tl.sum(tl.where(sb < S, ay, 0.0), axis=0)
+            if wy > 0.0:
+                ptrs = gf_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+                tl.atomic_add(ptrs, dr[:, None] * (wy * wx)[None, :],
+                              mask=cmask[:, None] & jmask[None, :], sem="relaxed")
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _check(t: torch.Tensor, name: str, dim: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"roi triton kernels: {name} must be a tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"roi triton kernels: {name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in _SUPPORTED:
+        raise TypeError(f"roi triton kernels: {name} has dtype {t.dtype}; expected one of "
+                        f"float32, float64, bfloat16, float16")
+    return t.contiguous()
+
+
+def _check_rois(rois: torch.Tensor, device: torch.device) -> torch.Tensor:
+    rois = _check(rois, "rois", 2)
+    if rois.shape[1] != 5:
+        raise ValueError(f"roi triton kernels: rois must be [K, 5], got {tuple(rois.shape)}")
+    if rois.device != device:
+        raise ValueError(f"roi triton kernels: rois on {rois.device}, features on {device}")
+    return rois
+
+
+def _split_scale(spatial_scale: float, dtype: torch.dtype) -> tuple[float, float]:
+    hi = float(torch.tensor(spatial_scale, dtype=torch.float32).item())
+    if dtype != torch.float64:
+        return hi, 0.0
+    return hi, float(torch.tensor(float(spatial_scale) - hi, dtype=torch.float32).item())
+
+
+def _strides(B: int, C: int, H: int, W: int, channels_last: bool) -> tuple[int, int, int, int]:
+    """Element strides (batch, channel, row, column) of a contiguous feature map."""
+    if channels_last:
+        return H * W * C, 1, W * C, C
+    return C * H * W, H * W, W, 1
+
+
+def _block_j(W: int) -> int:
+    return min(triton.next_power_of_2(max(W, 1)), 64 if _interpret() else 16)
+
+
+def _dims(features: torch.Tensor, channels_last: bool) -> tuple[int, int, int, int]:
+    if channels_last:
+        B, H, W, C = features.shape
+    else:
+        B, C, H, W = features.shape
+    return B, C, H, W
+
+
+def roi_align_forward(features: torch.Tensor, rois: torch.Tensor, spatial_scale: float,
+                      pooled_h: int, pooled_w: int, sampling_ratio: int, aligned: bool,
+                      channels_last: bool) -> torch.Tensor:
+    """RoIAlign forward. ``features`` [B, C, H, W] (or [B, H, W, C] when ``channels_last``),
+    ``rois`` [K, 5]; returns [K, C, pooled_h, pooled_w] in ``features.dtype``."""
+    features = _check(features, "features", 4)
+    rois = _check_rois(rois, features.device)
+    if pooled_h <= 0 or pooled_w <= 0:
+        raise ValueError(f"roi_align_forward: pooled size must be positive, got {pooled_h}x{pooled_w}")
+    B, C, H, W = _dims(features, channels_last)
+    K = rois.shape[0]
+    out = torch.empty((K, C, pooled_h, pooled_w), dtype=features.dtype, device=features.device)
+    if K == 0 or C == 0 or H == 0 or W == 0:
+        return out.zero_()
+    s_hi, s_lo = _split_scale(spatial_scale, features.dtype)
+    s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
+    grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+    _roi_align_fwd_kernel[grid](
+        features, rois, out, s_hi, s_lo, int(sampling_ratio), C, H, W, s_b, s_c, s_y, s_x,
+        PH=int(pooled_h), PW=int(pooled_w), ALIGNED=bool(aligned), CL=bool(channels_last),
+        ACC=_tl_acc(features.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
+        BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
+    return out
+
+
+def roi_align_backward(grad: torch.Tensor, rois: torch.Tensor, spatial_scale: float,
+                       pooled_h: int, pooled_w: int, batch: int, channels: int, height: int,
+                       width: int, sampling_ratio: int, aligned: bool,
+                       channels_last: bool) -> torch.Tensor:
+    """RoIAlign backward. ``grad`` [K, C, pooled_h, pooled_w]; returns the features gradient
+    [B, C, H, W] (or [B, H, W, C] when ``channels_last``) in ``grad.dtype``."""
+    grad = _check(grad, "grad", 4)
+    rois = _check_rois(rois, grad.device)
+    K = rois.shape[0]
+    B, C, H, W = int(batch), int(channels), int(height), int(width)
+    if tuple(grad.shape) != (K, C, pooled_h, pooled_w):
+        raise ValueError(f"roi_align_backward: grad must be [K, C, PH, PW] = "
+                         f"{[K, C, pooled_h, pooled_w]}, got {list(grad.shape)}")
+    shape = (B, H, W, C) if channels_last else (B, C, H, W)
+    acc_dt = _acc_dtype(grad.dtype)
+    gfeat = torch.zeros(shape, dtype=acc_dt, device=grad.device)
+    if K > 0 and C > 0 and H > 0 and W > 0:
+        s_hi, s_lo = _split_scale(spatial_scale, grad.dtype)
+        s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
+        grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+        _roi_align_bwd_kernel[grid](
+            grad, rois, gfeat, s_hi, s_lo, int(sampling_ratio), C, H, W, s_b, s_c, s_y, s_x,
+            PH=int(pooled_h), PW=int(pooled_w), ALIGNED=bool(aligned), CL=bool(channels_last),
+            ACC=_tl_acc(grad.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
+            BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
+    return gfeat if gfeat.dtype == grad.dtype else gfeat.to(grad.dtype)
+
+
+def roi_pool_fuse_forward(features: torch.Tensor, rois: torch.Tensor, global_feat: torch.Tensor,
+                          gate_weight: torch.Tensor, gate_bias: torch.Tensor,
+                          spatial_scale: float, output_size: int, sampling_ratio: int,
+                          aligned: bool, channels_last: bool
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused RoIAlign + bin mean + scalar gate (DESIGN.md 3.2) without the [K, C, S, S] tensor.
+
+    Returns ``z`` [K, C] in ``features.dtype`` and ``r`` [K, C], ``a`` [K] in the accumulation
+    dtype (float32; float64 for float64 features)."""
+    features = _check(features, "features", 4)
+    rois = _check_rois(rois, features.device)
+    B, C, H, W = _dims(features, channels_last)
+    global_feat = _check(global_feat, "global_feat", 2)
+    gate_weight = _check(gate_weight, "gate_weight", 2)
+    if tuple(global_feat.shape) != (B, C):
+        raise ValueError(f"roi_pool_fuse_forward: global_feat must be [B, C] = [{B}, {C}], "
+                         f"got {list(global_feat.shape)}")
+    if tuple(gate_weight.shape) != (2, C):
+        raise ValueError(f"roi_pool_fuse_forward: gate_weight must be [2, {C}], "
+                         f"got {list(gate_weight.shape)}")
+    if gate_bias.numel() != 1:
+        raise ValueError(f"roi_pool_fuse_forward: gate_bias must have one element, "
+                         f"got shape {list(gate_bias.shape)}")
+    if output_size <= 0:
+        raise ValueError(f"roi_pool_fuse_forward: output_size must be positive, got {output_size}")
+    gate_bias = gate_bias.reshape(1).contiguous()
+    K = rois.shape[0]
+    acc_dt = _acc_dtype(features.dtype)
+    dev = features.device
+    z = torch.empty((K, C), dtype=features.dtype, device=dev)
+    r = torch.empty((K, C), dtype=acc_dt, device=dev)
+    a = torch.empty((K,), dtype=acc_dt, device=dev)
+    if K == 0:
+        return z, r, a
+    s_hi, s_lo = _split_scale(spatial_scale, features.dtype)
+    s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
+    _roi_pool_fuse_fwd_kernel[(K,)](
+        features, rois, global_feat, gate_weight, gate_bias, z, r, a, s_hi, s_lo,
+        int(sampling_ratio), C, H, W, s_b, s_c, s_y, s_x, S=int(output_size),
+        ALIGNED=bool(aligned), CL=bool(channels_last), ACC=_tl_acc(features.dtype),
+        BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
+    return z, r, a
+
+
+def roi_pool_fuse_backward(grad_z: torch.Tensor, rois: torch.Tensor, global_feat: torch.Tensor,
+                           gate_weight: torch.Tensor, r: torch.Tensor, a: torch.Tensor,
+                           spatial_scale: float, output_size: int, sampling_ratio: int,
+                           aligned: bool, channels_last: bool, batch: int, height: int,
+                           width: int
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`roi_pool_fuse_forward`: gradients of features (input layout, in
+    ``grad_z.dtype``), global_feat [B, C], gate_weight [2, C] and gate_bias [1] (in the dtypes
+    of global_feat and gate_weight)."""
+    grad_z = _check(grad_z, "grad_z", 2)
+    rois = _check_rois(rois, grad_z.device)
+    global_feat = _check(global_feat, "global_feat", 2)
+    gate_weight = _check(gate_weight, "gate_weight", 2)
+    K = rois.shape[0]
+    B, H, W = int(batch), int(height), int(width)
+    C = global_feat.shape[1]
+    if tuple(grad_z.shape) != (K, C):
+        raise ValueError(f"roi_pool_fuse_backward: grad_z must be [K, C] = [{K}, {C}], "
+                         f"got {list(grad_z.shape)}")
+    acc_dt = _acc_dtype(grad_z.dtype)
+    r = r.to(acc_dt).contiguous()
+    a = a.to(acc_dt).reshape(-1).contiguous()
+    if tuple(r.shape) != (K, C) or a.shape[0] != K:
+        raise ValueError(f"roi_pool_fuse_backward: r must be [K, C] and a [K], got "
+                         f"{list(r.shape)} and {list(a.shape)}")
+    dev = grad_z.device
+    shape = (B, H, W, C) if channels_last else (B, C, H, W)
+    gfeat = torch.zeros(shape, dtype=acc_dt, device=dev)
+    gglob = torch.zeros((B, C), dtype=acc_dt, device=dev)
+    gw = torch.zeros((2, C), dtype=acc_dt, device=dev)
+    gb = torch.zeros((1,), dtype=acc_dt, device=dev)
+    if K > 0 and C > 0:
+        s_hi, s_lo = _split_scale(spatial_scale, grad_z.dtype)
+        s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
+        grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
+        _roi_pool_fuse_bwd_kernel[grid](
+            grad_z, rois, global_feat, gate_weight, r, a, gfeat, gglob, gw, gb, s_hi, s_lo,
+            int(sampling_ratio), C, H, W, s_b, s_c, s_y, s_x, S=int(output_size),
+            ALIGNED=bool(aligned), CL=bool(channels_last), ACC=_tl_acc(grad_z.dtype),
+            BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
+    return (gfeat.to(grad_z.dtype), gglob.to(global_feat.dtype), gw.to(gate_weight.dtype),
+            gb.to(gate_weight.dtype))
