@@ -1,1 +1,23 @@
-"""model"""
+"""RegionMed-CLIP model: image and text towers, the ROI processor, OpenCLIP-style factory.
+
+    model, _, preprocess = create_model_and_transforms("regionmed-tiny")
+    tok = get_tokenizer("regionmed-tiny")
+    img = model.encode_image(images, boxes=[torch.tensor([[10., 20., 30., 40.]])])
+    txt = model.encode_text(*tok(["a 6 mm calcified nodule in the right upper zone"]))
+"""
+from __future__ import annotations
+
+from .clip import RegionMedCLIP, RegionMedConfig
+from .factory import (CLIP_MEAN, CLIP_STD, create_model, create_model_and_transforms,
+                      get_tokenizer, image_transform, list_models, model_config)
+from .roi_processor import ROIConfig, ROIProcessor, boxes_to_rois
+from .text import TextConfig, TextEncoder, Tokenizer
+from .vit import TimmBackbone, VisionConfig, VisionTransformer, build_vision
+
+__all__ = [
+    "CLIP_MEAN", "CLIP_STD", "ROIConfig", "ROIProcessor", "RegionMedCLIP", "RegionMedConfig",
+    "TextConfig", "TextEncoder", "TimmBackbone", "Tokenizer", "VisionConfig",
+    "VisionTransformer", "boxes_to_rois", "build_vision", "create_model",
+    "create_model_and_transforms", "get_tokenizer", "image_transform", "list_models",
+    "model_config",
+]
