@@ -1,0 +1,381 @@
+"""Public ROI ops: :func:`roi_align` and :func:`roi_pool_fuse` with interchangeable backends.
+
+Backends: ``reference`` (plain PyTorch, :mod:`regionmed_fast.ops.roi_reference`), ``cpu``
+(C++/OpenMP, ``torch.ops.regionmed_fast_C``), ``cuda`` (CUDA C++, same ops on CUDA tensors),
+``triton`` (:mod:`regionmed_fast.kernels.roi`), ``auto`` (``cpu`` on CPU tensors; ``cuda`` then
+``triton`` on GPUs). The compiled and Triton kernels are wrapped as ``torch.library`` custom ops
+in the ``regionmed_fast`` namespace, with fake kernels and autograd, so ``torch.compile(
+fullgraph=True)`` traces through them. Inputs are validated in eager mode (reversed corners,
+NaN boxes, batch indices out of range, shapes, dtypes, devices) with errors naming the argument.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from regionmed_fast.ops import _backend
+from regionmed_fast.ops.roi_reference import acc_dtype, as_rois, roi_align_reference, roi_pool_fuse_reference
+
+__all__ = ["roi_align", "roi_pool_fuse", "available_backends", "KERNEL_NAMES"]
+
+KERNEL_NAMES = ("roi_align_forward", "roi_align_backward", "roi_pool_fuse_forward", "roi_pool_fuse_backward")
+_SUPPORTED = ("cuda", "triton", "cpu", "reference")  # auto preference on GPUs: first available
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_LAYOUTS = ("nchw", "nhwc")
+
+
+# ---------------------------------------------------------------- kernel lookup
+
+@functools.lru_cache(maxsize=None)
+def _compiled_status() -> str:
+    from regionmed_fast import _ext
+
+    mod, reason = _ext.load()
+    if mod is None:
+        return reason
+    ns = torch.ops.regionmed_fast_C
+    missing = [n for n in KERNEL_NAMES if not hasattr(ns, n)]
+    return f"regionmed_fast._C lacks ops {missing} (rebuild the extension)" if missing else ""
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module_status() -> str:
+    try:
+        from regionmed_fast.kernels import roi as triton_roi
+    except Exception as exc:
+        return f"regionmed_fast.kernels.roi not importable: {type(exc).__name__}: {exc}"
+    missing = [n for n in KERNEL_NAMES if not callable(getattr(triton_roi, n, None))]
+    return f"regionmed_fast.kernels.roi lacks {missing}" if missing else ""
+
+
+def _status(backend: str, device: torch.device) -> str:
+    reason = _backend.status(backend, device)
+    if reason:
+        return reason
+    if backend in ("cpu", "cuda"):
+        return _compiled_status()
+    if backend == "triton":
+        return _triton_module_status()
+    return ""
+
+
+def available_backends(device: torch.device | str) -> dict[str, str]:
+    """Every ROI backend on ``device``: name -> ``"ok"`` or the reason it cannot run."""
+    device = torch.device(device)
+    return {b: (_status(b, device) or "ok") for b in ("reference", "cpu", "triton", "cuda")}
+
+
+def _resolve(op: str, backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        order = ("cpu", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
+        return next(b for b in order if _status(b, device) == "")
+    if backend not in _SUPPORTED:
+        raise ValueError(f"{op}: backend={backend!r} is not one of {_SUPPORTED + ('auto',)}")
+    reason = _status(backend, device)
+    if reason:
+        raise RuntimeError(f"{op}: backend={backend!r} is not available on {device}: {reason}")
+    return backend
+
+
+def _kernel(backend: str, name: str):
+    if backend == "triton":
+        from regionmed_fast.kernels import roi as triton_roi
+
+        return getattr(triton_roi, name)
+    return getattr(torch.ops.regionmed_fast_C, name)
+
+
+# ---------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("regionmed_fast::roi_align", mutates_args=())
+def _roi_align_op(features: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+                  sampling_ratio: int, aligned: bool, channels_last: bool, backend: str) -> Tensor:
+    return _kernel(backend, "roi_align_forward")(features, rois, spatial_scale, pooled_h, pooled_w,
+                                                 sampling_ratio, aligned, channels_last)
+
+
+@_roi_align_op.register_fake
+def _(features, rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned, channels_last, backend):
+    c = features.shape[3] if channels_last else features.shape[1]
+    return features.new_empty((rois.shape[0], c, pooled_h, pooled_w))
+
+
+@torch.library.custom_op("regionmed_fast::roi_align_backward", mutates_args=())
+def _roi_align_backward_op(grad: Tensor, rois: Tensor, spatial_scale: float, pooled_h: int, pooled_w: int,
+                           batch: int, channels: int, height: int, width: int, sampling_ratio: int,
+                           aligned: bool, channels_last: bool, backend: str) -> Tensor:
+    return _kernel(backend, "roi_align_backward")(grad.contiguous(), rois, spatial_scale, pooled_h, pooled_w,
+                                                  batch, channels, height, width, sampling_ratio,
+                                                  aligned, channels_last)
+
+
+@_roi_align_backward_op.register_fake
+def _(grad, rois, spatial_scale, pooled_h, pooled_w, batch, channels, height, width, sampling_ratio,
+      aligned, channels_last, backend):
+    shape = (batch, height, width, channels) if channels_last else (batch, channels, height, width)
+    return grad.new_empty(shape)
+
+
+def _roi_align_setup(ctx, inputs, output):
+    features, rois, scale, ph, pw, sr, aligned, cl, backend = inputs
+    ctx.save_for_backward(rois)
+    b, c, h, w = ((features.shape[0], features.shape[3], features.shape[1], features.shape[2]) if cl
+                  else tuple(features.shape))
+    ctx.args = (scale, ph, pw, b, c, h, w, sr, aligned, cl, backend)
+
+
+def _roi_align_bwd(ctx, grad):
+    (rois,) = ctx.saved_tensors
+    scale, ph, pw, b, c, h, w, sr, aligned, cl, backend = ctx.args
+    gf = _roi_align_backward_op(grad, rois, scale, ph, pw, b, c, h, w, sr, aligned, cl, backend)
+    return gf, None, None, None, None, None, None, None, None
+
+
+_roi_align_op.register_autograd(_roi_align_bwd, setup_context=_roi_align_setup)
+
+
+@torch.library.custom_op("regionmed_fast::roi_pool_fuse", mutates_args=())
+def _roi_pool_fuse_op(features: Tensor, rois: Tensor, global_feat: Tensor, gate_weight: Tensor,
+                      gate_bias: Tensor, spatial_scale: float, output_size: int, sampling_ratio: int,
+                      aligned: bool, channels_last: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    z, r, a = _kernel(backend, "roi_pool_fuse_forward")(features, rois, global_feat, gate_weight, gate_bias,
+                                                         spatial_scale, output_size, sampling_ratio,
+                                                         aligned, channels_last)
+    return z, r, a
+
+
+@_roi_pool_fuse_op.register_fake
+def _(features, rois, global_feat, gate_weight, gate_bias, spatial_scale, output_size, sampling_ratio,
+      aligned, channels_last, backend):
+    k = rois.shape[0]
+    c = features.shape[3] if channels_last else features.shape[1]
+    acc = acc_dtype(features.dtype)
+    return (features.new_empty((k, c)), features.new_empty((k, c), dtype=acc),
+            features.new_empty((k,), dtype=acc))
+
+
+@torch.library.custom_op("regionmed_fast::roi_pool_fuse_backward", mutates_args=())
+def _roi_pool_fuse_backward_op(grad_z: Tensor, rois: Tensor, global_feat: Tensor, gate_weight: Tensor,
+                               r: Tensor, a: Tensor, spatial_scale: float, output_size: int,
+                               sampling_ratio: int, aligned: bool, channels_last: bool, batch: int,
+                               height: int, width: int, backend: str
+                               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    outs = _kernel(backend, "roi_pool_fuse_backward")(grad_z.contiguous(), rois, global_feat, gate_weight, r, a,
+                                                      spatial_scale, output_size, sampling_ratio, aligned,
+                                                      channels_last, batch, height, width)
+    return tuple(outs)
+
+
+@_roi_pool_fuse_backward_op.register_fake
+def _(grad_z, rois, global_feat, gate_weight, r, a, spatial_scale, output_size, sampling_ratio, aligned,
+      channels_last, batch, height, width, backend):
+    c = global_feat.shape[1]
+    shape = (batch, height, width, c) if channels_last else (batch, c, height, width)
+    return (grad_z.new_empty(shape), global_feat.new_empty(global_feat.shape),
+            gate_weight.new_empty(gate_weight.shape), gate_weight.new_empty((1,)))
+
+
+def _roi_pool_fuse_setup(ctx, inputs, output):
+    features, rois, global_feat, gate_weight, gate_bias, scale, s, sr, aligned, cl, backend = inputs
+    _, r, a = output
+    ctx.save_for_backward(rois, global_feat, gate_weight, r, a)
+    b, h, w = (features.shape[0], features.shape[1], features.shape[2]) if cl else (
+        features.shape[0], features.shape[2], features.shape[3])
+    ctx.args = (scale, s, sr, aligned, cl, b, h, w, backend)
+    ctx.bias_dtype = gate_bias.dtype
+    ctx.z_dtype = features.dtype
+
+
+def _roi_pool_fuse_bwd(ctx, grad_z, grad_r, grad_a):
+    # r and a are handed to users detached (ops.roi_pool_fuse), so only z carries gradient.
+    rois, global_feat, gate_weight, r, a = ctx.saved_tensors
+    scale, s, sr, aligned, cl, b, h, w, backend = ctx.args
+    if grad_z is None:
+        grad_z = torch.zeros((r.shape[0], r.shape[1]), dtype=ctx.z_dtype, device=r.device)
+    gf, gg, gw, gb = _roi_pool_fuse_backward_op(grad_z, rois, global_feat, gate_weight, r, a, scale, s, sr,
+                                                aligned, cl, b, h, w, backend)
+    return gf, None, gg, gw, gb.to(ctx.bias_dtype), None, None, None, None, None, None
+
+
+_roi_pool_fuse_op.register_autograd(_roi_pool_fuse_bwd, setup_context=_roi_pool_fuse_setup)
+
+
+# ---------------------------------------------------------------- validation
+
+def _eager() -> bool:
+    return not torch.compiler.is_compiling()
+
+
+def _features_nhwc_or_nchw(op: str, features: Tensor, layout: str, grid_size) -> tuple[Tensor, bool]:
+    """Features as the contiguous 4-d tensor the kernels take, and whether it is channels-last."""
+    if not isinstance(features, Tensor):
+        raise TypeError(f"{op}: features must be a torch.Tensor, got {type(features).__name__}")
+    if layout not in _LAYOUTS:
+        raise ValueError(f"{op}: layout must be one of {_LAYOUTS}, got {layout!r}")
+    if features.dtype not in _FLOATS:
+        raise TypeError(f"{op}: features dtype must be one of {_FLOATS}, got {features.dtype}")
+    if layout == "nhwc" and features.dim() == 3:
+        if grid_size is None:
+            raise ValueError(f"{op}: features {tuple(features.shape)} is [B, H*W, C]: pass grid_size=(H, W)")
+        h, w = (int(v) for v in grid_size)
+        if h * w != features.shape[1]:
+            raise ValueError(f"{op}: grid_size={tuple(grid_size)} has {h * w} cells but features has "
+                             f"{features.shape[1]} tokens")
+        return features.contiguous().view(features.shape[0], h, w, features.shape[2]), True
+    if features.dim() != 4:
+        want = "[B, C, H, W]" if layout == "nchw" else "[B, H, W, C] or [B, H*W, C]"
+        raise ValueError(f"{op}: features must be {want} for layout={layout!r}, got {tuple(features.shape)}")
+    f = features.contiguous()
+    cl = layout == "nhwc"
+    h, w = (f.shape[1], f.shape[2]) if cl else (f.shape[2], f.shape[3])
+    if h < 1 or w < 1:
+        raise ValueError(f"{op}: feature map is empty ({h}x{w})")
+    return f, cl
+
+
+def _rois(op: str, boxes, features: Tensor, batch: int) -> Tensor:
+    """Validated ``[K, 5]`` rois in the kernels' coordinate dtype (float32, float64 for float64)."""
+    if isinstance(boxes, Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(f"{op}: boxes as a tensor must be [K, 5] (batch index, x1, y1, x2, y2), "
+                             f"got {tuple(boxes.shape)}; per-image [K_i, 4] boxes go in a list")
+    elif isinstance(boxes, (list, tuple)):
+        if len(boxes) != batch:
+            raise ValueError(f"{op}: boxes is a list of {len(boxes)} tensors but features has batch {batch}")
+        for i, b in enumerate(boxes):
+            if not isinstance(b, Tensor) or b.dim() != 2 or b.shape[1] != 4:
+                shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+                raise ValueError(f"{op}: boxes[{i}] must be a [K_i, 4] tensor (x1, y1, x2, y2), got {shape}")
+        if not boxes:
+            return features.new_zeros((0, 5), dtype=acc_dtype(features.dtype))
+    else:
+        raise TypeError(f"{op}: boxes must be a [K, 5] tensor or a list of [K_i, 4] tensors, "
+                        f"got {type(boxes).__name__}")
+    rois = as_rois(boxes)
+    if rois.device != features.device:
+        raise ValueError(f"{op}: boxes are on {rois.device} but features are on {features.device}")
+    if not rois.is_floating_point():
+        rois = rois.to(torch.float32)
+    rois = rois.to(acc_dtype(features.dtype)).contiguous()
+    if _eager() and rois.shape[0] > 0:
+        _check_rois(op, rois, batch)
+    return rois
+
+
+def _check_rois(op: str, rois: Tensor, batch: int) -> None:
+    bad = ~torch.isfinite(rois).all(dim=1)
+    idx = rois[:, 0]
+    bad_batch = (idx < 0) | (idx >= batch) | (idx != idx.floor())
+    reversed_ = (rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])
+    flags = torch.stack([bad.any(), bad_batch.any(), reversed_.any()]).tolist()  # one sync
+    if flags[0]:
+        k = int(bad.nonzero()[0])
+        raise ValueError(f"{op}: box {k} has a NaN or infinite coordinate: {rois[k].tolist()}")
+    if flags[1]:
+        k = int(bad_batch.nonzero()[0])
+        raise ValueError(f"{op}: box {k} has batch index {rois[k, 0].item():g}, outside [0, {batch}) "
+                         f"(features batch size is {batch})")
+    if flags[2]:
+        k = int(reversed_.nonzero()[0])
+        raise ValueError(f"{op}: box {k} has reversed corners (x2 < x1 or y2 < y1): "
+                         f"(x1, y1, x2, y2) = {rois[k, 1:].tolist()}")
+
+
+def _output_size(op: str, output_size) -> tuple[int, int]:
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+        raise ValueError(f"{op}: output_size must be a positive int or a pair of them, got {output_size!r}")
+    return size
+
+
+def _same_device_dtype(op: str, name: str, t: Tensor, features: Tensor, shape: tuple[int, ...]) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != features.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but features are on {features.device}")
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"{op}: {name} dtype must be one of {_FLOATS}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+# ---------------------------------------------------------------- public API
+
+def roi_align(features: Tensor, boxes: Tensor | Sequence[Tensor], output_size: int | tuple[int, int],
+              spatial_scale: float = 1.0, sampling_ratio: int = -1, aligned: bool = False,
+              layout: str = "nchw", *, grid_size: tuple[int, int] | None = None,
+              backend: str = "auto") -> Tensor:
+    """RoIAlign with ``torchvision.ops.roi_align`` semantics.
+
+    Args:
+        features: ``[B, C, H, W]`` (``layout="nchw"``), or ``[B, H, W, C]`` / ``[B, H*W, C]`` with
+            ``grid_size=(H, W)`` (``layout="nhwc"``, e.g. ViT patch tokens; no permute copy).
+            float32, float64, bfloat16 or float16 (accumulated in float32; float64 in float64).
+        boxes: ``[K, 5]`` (batch index, x1, y1, x2, y2) or a list of B ``[K_i, 4]`` tensors, in
+            input-image coordinates (multiplied by ``spatial_scale``).
+        output_size: ``S`` or ``(PH, PW)`` bins per roi.
+        sampling_ratio: samples per bin side; ``<= 0`` means adaptive ``ceil(roi_size / S)``.
+        aligned: shift by half a pixel (torchvision's ``aligned=True``).
+        backend: ``reference``, ``cpu``, ``triton``, ``cuda`` or ``auto``.
+
+    Returns:
+        ``[K, C, PH, PW]`` in the features' dtype, whatever the layout.
+    """
+    op = "roi_align"
+    ph, pw = _output_size(op, output_size)
+    f, cl = _features_nhwc_or_nchw(op, features, layout, grid_size)
+    rois = _rois(op, boxes, f, f.shape[0])
+    chosen = _resolve(op, backend, f.device)
+    if chosen == "reference":
+        return roi_align_reference(f, rois, (ph, pw), spatial_scale, sampling_ratio, aligned,
+                                   "nhwc" if cl else "nchw")
+    return _roi_align_op(f, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned), cl, chosen)
+
+
+def roi_pool_fuse(features: Tensor, boxes: Tensor | Sequence[Tensor], global_feat: Tensor, gate_weight: Tensor,
+                  gate_bias: Tensor, output_size: int = 7, spatial_scale: float = 1.0, sampling_ratio: int = -1,
+                  aligned: bool = False, layout: str = "nchw", *, grid_size: tuple[int, int] | None = None,
+                  return_parts: bool = False, backend: str = "auto") -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """Fused RoIAlign + mean over the S x S bins + scalar sigmoid gate + blend (DESIGN.md 3.2).
+
+    ``r_k`` = mean of RoIAlign(features[b_k], box_k) over its bins, ``g_k = global_feat[b_k]``,
+    ``a_k = sigmoid(<gate_weight[0], r_k> + <gate_weight[1], g_k> + gate_bias)``,
+    ``z_k = a_k r_k + (1 - a_k) g_k``. The compiled and Triton backends never form the
+    ``[K, C, S, S]`` RoIAlign output.
+
+    Args:
+        features, boxes, spatial_scale, sampling_ratio, aligned, layout, grid_size: as :func:`roi_align`.
+        global_feat: ``[B, C]`` image-level features.
+        gate_weight: ``[2, C]``; gate_bias: ``[1]`` (or a 0-d tensor).
+        output_size: ``S`` bins per side.
+        return_parts: also return ``r [K, C]`` and ``a [K]`` (accumulation dtype, detached: for
+            inspection; gradients flow through ``z``).
+
+    Returns:
+        ``z [K, C]`` in the features' dtype, or ``(z, r, a)``.
+    """
+    op = "roi_pool_fuse"
+    if not isinstance(output_size, int) or output_size < 1:
+        raise ValueError(f"{op}: output_size must be a positive int, got {output_size!r}")
+    f, cl = _features_nhwc_or_nchw(op, features, layout, grid_size)
+    b = f.shape[0]
+    c = f.shape[3] if cl else f.shape[1]
+    rois = _rois(op, boxes, f, b)
+    global_feat = _same_device_dtype(op, "global_feat", global_feat, f, (b, c))
+    gate_weight = _same_device_dtype(op, "gate_weight", gate_weight, f, (2, c))
+    if isinstance(gate_bias, Tensor) and gate_bias.dim() == 0:
+        gate_bias = gate_bias.reshape(1)
+    gate_bias = _same_device_dtype(op, "gate_bias", gate_bias, f, (1,))
+    chosen = _resolve(op, backend, f.device)
+    if chosen == "reference":
+        out = roi_pool_fuse_reference(f, rois, global_feat, gate_weight, gate_bias, output_size, spatial_scale,
+                                      sampling_ratio, aligned, "nhwc" if cl else "nchw", return_parts=True)
+        z, r, a = out
+    else:
+        z, r, a = _roi_pool_fuse_op(f, rois, global_feat, gate_weight, gate_bias, float(spatial_scale),
+                                    int(output_size), int(sampling_ratio), bool(aligned), cl, chosen)
+    return (z, r.detach(), a.detach()) if return_parts else z
