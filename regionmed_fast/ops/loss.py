@@ -1,0 +1,353 @@
+"""``chunked_clip_loss``: CLIP / SigLIP loss over N images and M texts without the N x M logits.
+
+Math (``t_ij = logit_scale * <image_i, text_j>``, ``s_ij = t_ij + logit_bias``):
+
+* softmax (CLIP / InfoNCE, symmetric): ``L = 1/2 [mean_i l_i + mean_j l'_j]`` with
+  ``l_i = log D_i - mean_{j in P(i)} s_ij``. ``D_i = sum_j e^{s_ij}`` for plain InfoNCE; with
+  ``hard_negative_beta = b > 0`` (HN-NCE, Radenovic et al. 2023) the negatives are re-weighted by
+  ``w_ij = n_neg e^{b s_ij} / sum_{k neg} e^{b s_ik}``:
+  ``D_i = sum_{j in P(i)} e^{s_ij} + n_neg * sum_neg e^{(1+b) s_ij} / sum_neg e^{b s_ij}``;
+  the same for columns (texts) with the column's negatives. Rows without a positive are left
+  out of the mean. The bias cancels (its gradient is zero).
+* sigmoid (SigLIP): ``L = 1/N sum_ij softplus(s_ij) - 1/N sum_{(i,j) positive} s_ij``, which is
+  ``-1/N sum log sigmoid(z_ij s_ij)``, ``z = +-1``.
+
+The pairwise part is computed by a backend engine tile by tile (forward keeps only per-row and
+per-column log-sum-exps; backward recomputes the logits); the positive part is closed-form over
+per-group sums of the embeddings (O((N + M) D)), so multi-positives cost nothing extra.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from regionmed_fast.ops import _backend
+from regionmed_fast.ops import loss_cpu
+from regionmed_fast.ops.loss_reference import clip_loss_reference
+
+__all__ = ["chunked_clip_loss", "AUTO_FULL_LOGITS_BYTES"]
+
+_OP = "chunked_clip_loss"
+_SUPPORTED = ("triton", "cpu", "reference")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: ``backend="auto"`` (and ``chunk_size=None``) keeps the logits whole below this many bytes.
+AUTO_FULL_LOGITS_BYTES = 256 * 2**20
+
+
+class _LocalComm:
+    """The single-process stand-in for :class:`loss_distributed.GroupComm`."""
+
+    world = 1
+    rank = 0
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def lse(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def offset(self, n: int) -> int:
+        return 0
+
+
+@dataclass
+class _Spec:
+    kind: str
+    beta: float
+    engine: Any
+    tile: Any
+    comm: Any
+    gi: torch.Tensor        # group ids of the local images [n]
+    gt: torch.Tensor        # group ids of the local texts [m]
+    gi_all: torch.Tensor    # group ids of all images [N]
+    gt_all: torch.Tensor    # group ids of all texts [M]
+    groups: int
+
+
+def _engine(backend: str):
+    if backend == "cpu":
+        return loss_cpu
+    from regionmed_fast.kernels import loss as triton_loss  # imports triton only when asked
+
+    return triton_loss
+
+
+def _index_sum(groups: int, ids: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(groups, v.shape[1], dtype=v.dtype, device=v.device).index_add_(0, ids, v)
+
+
+def _log_d(stats: torch.Tensor, nneg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log D, log T)`` per row from the engine's stats (``log T``: the HN-NCE negatives' mass)."""
+    if stats.shape[0] == 1:
+        return stats[0], stats[0]
+    ninf = torch.full_like(stats[0], float("-inf"))
+    log_t = torch.where(nneg > 0, torch.log(nneg.clamp(min=1).to(stats.dtype)) + stats[1] - stats[2], ninf)
+    return torch.logaddexp(stats[0], log_t), log_t
+
+
+def _shifts(stats: torch.Tensor, log_d: torch.Tensor, log_t: torch.Tensor, w: torch.Tensor,
+            nneg: torch.Tensor) -> torch.Tensor:
+    """Per-row shifts ``a`` such that ``dL/dt`` is a sum of ``exp(c * t - a)`` terms (see loss_cpu)."""
+    inf = torch.full_like(log_d, float("inf"))
+    log_w = torch.where(w > 0, torch.log(w.clamp(min=1e-300)), -inf)
+    s0 = torch.where(w > 0, log_d - log_w, inf)
+    if stats.shape[0] == 1:
+        return s0[None]
+    ok = (w > 0) & (nneg > 0)
+    rest = log_d - log_w - torch.where(ok, log_t, torch.zeros_like(log_t))
+    s1 = torch.where(ok, stats[1] + rest, inf)
+    s2 = torch.where(ok, stats[2] + rest, inf)
+    return torch.stack([s0, s1, s2])
+
+
+class _ClipLossFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, scale, bias, spec: _Spec):
+        comm, eng = spec.comm, spec.engine
+        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        yg = comm.gather(y)
+        n_all, m_all = spec.gi_all.numel(), spec.gt_all.numel()
+        cnt_t = torch.bincount(spec.gt_all, minlength=spec.groups)
+        cnt_i = torch.bincount(spec.gi_all, minlength=spec.groups)
+        p_loc = cnt_t[spec.gi]                    # positives of each local image
+        q_loc = cnt_i[spec.gt]                    # positives of each local text
+        xf, yf = x.to(cd), y.to(cd)
+        scale_c = scale.to(cd)
+        ysum = comm.sum(_index_sum(spec.groups, spec.gt, yf))
+        if spec.kind == "softmax":
+            nv = int((cnt_t[spec.gi_all] > 0).sum())
+            mv = int((cnt_i[spec.gt_all] > 0).sum())
+            if nv == 0 or mv == 0:
+                raise ValueError("positives: no image id matches any text id")
+            w = (p_loc > 0).to(cd) * (0.5 / nv)
+            q_all = cnt_i[spec.gt_all]
+            v_all = (q_all > 0).to(cd) * (0.5 / mv)
+            gt_tiles = spec.gt_all if spec.beta > 0 else None
+            rows, cols = eng.softmax_stats(x, yg, scale, spec.gi if spec.beta > 0 else None, gt_tiles,
+                                           spec.beta, spec.tile)
+            rows, cols = rows.to(cd), comm.lse(cols.to(cd))
+            nneg_r, nneg_c = m_all - p_loc, n_all - q_all
+            logd_r, logt_r = _log_d(rows, nneg_r)
+            logd_c, logt_c = _log_d(cols, nneg_c)
+            lse_part = comm.sum(torch.where(w > 0, w * logd_r, 0.0).sum()) + \
+                torch.where(v_all > 0, v_all * logd_c, 0.0).sum()
+            a = w / p_loc.clamp(min=1)
+            off = comm.offset(y.shape[0])
+            b_loc = v_all[off: off + y.shape[0]] / q_loc.clamp(min=1)
+            yb = comm.sum(_index_sum(spec.groups, spec.gt, b_loc[:, None] * yf))
+            z = a[:, None] * ysum[spec.gi] + yb[spec.gi]
+            loss = lse_part - scale_c * comm.sum((xf * z).sum())
+            ctx.shifts = (_shifts(rows, logd_r, logt_r, w, nneg_r), _shifts(cols, logd_c, logt_c, v_all, nneg_c))
+            ctx.b_loc = b_loc
+            ctx.a = a
+        else:
+            inv_n = 1.0 / n_all
+            b_c = bias.to(cd)
+            npos = float(cnt_t[spec.gi_all].sum())
+            pair = comm.sum(eng.sigmoid_sum(x, yg, scale, bias, spec.tile).to(cd))
+            z = ysum[spec.gi] * inv_n
+            loss = pair * inv_n - scale_c * comm.sum((xf * z).sum()) - b_c * (npos * inv_n)
+            ctx.npos, ctx.inv_n = npos, inv_n
+        ctx.spec = spec
+        ctx.save_for_backward(x, y, yg, scale, bias, z)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, y, yg, scale, bias, z = ctx.saved_tensors
+        spec = ctx.spec
+        comm, eng = spec.comm, spec.engine
+        cd = z.dtype
+        xf, yf = x.to(cd), y.to(cd)
+        scale_c = scale.to(cd)
+        g = grad_out.to(cd)
+        off = comm.offset(y.shape[0])
+        xsum = comm.sum(_index_sum(spec.groups, spec.gi, xf))
+        if spec.kind == "softmax":
+            gi_t = spec.gi if spec.beta > 0 else None
+            gt_t = spec.gt_all if spec.beta > 0 else None
+            gx_u, gy = eng.softmax_grads(x, yg, scale, gi_t, gt_t, spec.beta, ctx.shifts[0], ctx.shifts[1],
+                                         spec.tile)
+            xa = comm.sum(_index_sum(spec.groups, spec.gi, ctx.a[:, None] * xf))
+            dy_pos = xa[spec.gt] + ctx.b_loc[:, None] * xsum[spec.gt]
+            gbias = torch.zeros((), dtype=cd, device=x.device)
+        else:
+            gx_u, gy, gsum = eng.sigmoid_grads(x, yg, scale, bias, ctx.inv_n, spec.tile)
+            dy_pos = xsum[spec.gt] * ctx.inv_n
+            gbias = g * (comm.sum(gsum.to(cd)) - ctx.npos * ctx.inv_n)
+        gx_u, gy = gx_u.to(cd), comm.sum(gy.to(cd))[off: off + y.shape[0]]
+        grad_x = g * scale_c * (gx_u - z)
+        grad_y = g * (gy - scale_c * dy_pos)
+        grad_scale = g * comm.sum((xf * (gx_u - z)).sum())
+        return (grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale.to(scale.dtype).reshape(scale.shape),
+                gbias.to(bias.dtype).reshape(bias.shape), None)
+
+
+def _as_scalar(v, name: str, device: torch.device) -> torch.Tensor:
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        if not math.isfinite(v):
+            raise ValueError(f"{_OP}: {name} must be finite, got {v}")
+        return torch.tensor(float(v), device=device)
+    if not torch.is_tensor(v):
+        raise TypeError(f"{_OP}: {name} must be a number or a one-element tensor, got {type(v).__name__}")
+    if v.numel() != 1:
+        raise ValueError(f"{_OP}: {name} must have one element, got shape {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"{_OP}: {name} must be a floating tensor, got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{_OP}: {name} is on {v.device} but the embeddings are on {device}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError(f"{_OP}: {name} is not finite ({v.item()})")
+    return v
+
+
+def _check_emb(x, name: str) -> None:
+    if not torch.is_tensor(x):
+        raise TypeError(f"{_OP}: {name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{_OP}: {name} must be 2-D [batch, dim], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{_OP}: {name} must be float16/bfloat16/float32/float64, got {x.dtype}")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{_OP}: {name} is empty (shape {tuple(x.shape)})")
+
+
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        raise ValueError(f"{_OP}: {name} has {int(bad.sum())} NaN/Inf values (first at index {where})")
+
+
+def _check_ids(v, name: str, n: int, device: torch.device) -> torch.Tensor:
+    if not torch.is_tensor(v) or v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+        raise TypeError(f"{_OP}: {name} must be an integer tensor, got "
+                        f"{v.dtype if torch.is_tensor(v) else type(v).__name__}")
+    if v.dim() != 1 or v.numel() != n:
+        raise ValueError(f"{_OP}: {name} must have shape [{n}], got {tuple(v.shape)}")
+    if v.device != device:
+        raise ValueError(f"{_OP}: {name} is on {v.device} but the embeddings are on {device}")
+    return v.long()
+
+
+def _tile(chunk_size, backend: str, n: int, m: int, itemsize: int):
+    if chunk_size is None:
+        if n * m * 4 <= AUTO_FULL_LOGITS_BYTES and backend == "cpu" and n * m <= 2**22:
+            return (n, m)
+        return loss_cpu.DEFAULT_TILE if backend == "cpu" else None
+    if isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
+        chunk_size = (chunk_size, chunk_size)
+    if (not isinstance(chunk_size, (tuple, list)) or len(chunk_size) != 2
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunk_size)):
+        raise ValueError(f"{_OP}: chunk_size must be None, an int >= 1 or (rows, cols), got {chunk_size!r}")
+    return tuple(chunk_size)
+
+
+def _pick_backend(backend: str, device: torch.device) -> str:
+    # The cpu backend is plain PyTorch: unlike the C++ ops it does not need regionmed_fast._C.
+    if device.type == "cpu" and backend in ("auto", "cpu"):
+        return "cpu"
+    return _backend.resolve(_OP, backend, device, _SUPPORTED)
+
+
+def chunked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale,
+                      logit_bias=None, *, positives=None, hard_negative_beta: float = 0.0,
+                      kind: str = "softmax", chunk_size=None, group=None,
+                      backend: str = "auto") -> torch.Tensor:
+    """Symmetric CLIP (or SigLIP) loss without materialising the ``N x M`` logits.
+
+    Args:
+        image_emb: ``[N, D]`` float16 / bfloat16 / float32 / float64 (not normalised here).
+        text_emb: ``[M, D]``, same dtype and device.
+        logit_scale: number or one-element tensor, already exponentiated (open_clip passes
+            ``model.logit_scale.exp()``); gets a gradient when it requires one.
+        logit_bias: optional number or one-element tensor added to every logit (SigLIP).
+        positives: ``None`` pairs image ``i`` with text ``i`` (needs ``N == M``), or
+            ``(image_ids [N], text_ids [M])`` integer tensors: every pair with equal ids is a
+            positive (rows with no positive are left out of the softmax means).
+        hard_negative_beta: HN-NCE ``beta >= 0`` (softmax only); 0 is plain InfoNCE.
+        kind: ``"softmax"`` (CLIP) or ``"sigmoid"`` (SigLIP, ``open_clip.SigLipLoss``).
+        chunk_size: logits tile ``int`` or ``(rows, cols)`` (cpu backend; the triton backend
+            uses it as the rows of its backward buffer). ``None``: automatic.
+        group: a ``torch.distributed`` process group; each rank passes its own shard (and its
+            shard's ids) and gets the loss of the global batch with gradients for its shard.
+        backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"reference"`` (full logits).
+
+    Returns:
+        0-d float32 tensor (float64 for float64 inputs): the loss, identical on every rank.
+    """
+    _check_emb(image_emb, "image_emb")
+    _check_emb(text_emb, "text_emb")
+    if text_emb.device != image_emb.device:
+        raise ValueError(f"{_OP}: text_emb is on {text_emb.device} but image_emb is on {image_emb.device}")
+    if text_emb.dtype != image_emb.dtype:
+        raise TypeError(f"{_OP}: image_emb is {image_emb.dtype} but text_emb is {text_emb.dtype}")
+    if text_emb.shape[1] != image_emb.shape[1]:
+        raise ValueError(f"{_OP}: embedding sizes differ: image_emb {tuple(image_emb.shape)}, "
+                         f"text_emb {tuple(text_emb.shape)}")
+    if kind not in ("softmax", "sigmoid"):
+        raise ValueError(f"{_OP}: kind must be 'softmax' or 'sigmoid', got {kind!r}")
+    beta = hard_negative_beta
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"{_OP}: hard_negative_beta must be a finite number >= 0, got {beta!r}")
+    beta = float(beta)
+    if beta > 0 and kind != "softmax":
+        raise ValueError(f"{_OP}: hard_negative_beta applies to kind='softmax' only")
+    device = image_emb.device
+    n, m = image_emb.shape[0], text_emb.shape[0]
+    scale = _as_scalar(logit_scale, "logit_scale", device)
+    bias = None if logit_bias is None else _as_scalar(logit_bias, "logit_bias", device)
+    _check_finite(image_emb, "image_emb")
+    _check_finite(text_emb, "text_emb")
+    if positives is not None:
+        if not isinstance(positives, (tuple, list)) or len(positives) != 2:
+            raise TypeError(f"{_OP}: positives must be None or (image_ids [N], text_ids [M])")
+        positives = (_check_ids(positives[0], "positives[0] (image_ids)", n, device),
+                     _check_ids(positives[1], "positives[1] (text_ids)", m, device))
+    if backend not in _backend.BACKENDS or backend == "cuda":
+        raise ValueError(f"{_OP}: backend must be one of {_SUPPORTED + ('auto',)}, got {backend!r}")
+    chosen = _pick_backend(backend, device)
+    if chosen == "reference":
+        if group is not None:
+            raise ValueError(f"{_OP}: backend='reference' has no distributed path; use 'cpu' or 'triton'")
+        return clip_loss_reference(image_emb, text_emb, scale, bias, positives=positives,
+                                   hard_negative_beta=beta, kind=kind)
+    tile = _tile(chunk_size, chosen, n, m, image_emb.element_size())
+    if group is None:
+        comm = _LocalComm()
+    else:
+        from regionmed_fast.ops.loss_distributed import GroupComm
+
+        comm = GroupComm(group, device)
+    gi, gt, gi_all, gt_all, groups = _group_ids(positives, n, m, comm, device)
+    if bias is None:
+        bias_t = torch.zeros((), dtype=torch.float32, device=device)
+    else:
+        bias_t = bias
+    spec = _Spec(kind, beta, _engine(chosen), tile, comm, gi, gt, gi_all, gt_all, groups)
+    return _ClipLossFn.apply(image_emb.contiguous(), text_emb.contiguous(), scale, bias_t, spec)
+
+
+def _group_ids(positives, n: int, m: int, comm, device: torch.device):
+    """Compact group ids ``0..G-1`` for local and global images and texts."""
+    if positives is None:
+        n_all = comm.gather(torch.tensor([n], device=device))
+        m_all = comm.gather(torch.tensor([m], device=device))
+        if not torch.equal(n_all, m_all):
+            raise ValueError(f"{_OP}: positives=None pairs image i with text i and needs N == M, got "
+                             f"N={int(n_all.sum())}, M={int(m_all.sum())} (per rank {n_all.tolist()} / {m_all.tolist()})")
+        total = int(n_all.sum())
+        off = comm.offset(n)
+        ids = torch.arange(total, device=device)
+        return ids[off: off + n], ids[off: off + m], ids, ids, total
+    ii_all, tt_all = comm.gather(positives[0]), comm.gather(positives[1])
+    uniq, inv = torch.unique(torch.cat([ii_all, tt_all]), return_inverse=True)
+    gi_all, gt_all = inv[: ii_all.numel()], inv[ii_all.numel():]
+    off_i, off_t = comm.offset(n), comm.offset(m)
+    return gi_all[off_i: off_i + n], gt_all[off_t: off_t + m], gi_all, gt_all, uniq.numel()
