@@ -134,7 +134,7 @@ class DaliBatches:
         counts = torch.tensor([len(f["boxes"]) for f in fields], dtype=torch.int64)
         return {
             "images": images,
-            "boxes": rel * float(self.size),
+            "boxes": (rel * float(self.size)).clamp_(0.0, float(self.size)),
             "box_counts": counts,
             "texts": [f["text"] for f in fields],
             "region_texts": [f["region_texts"] for f in fields],

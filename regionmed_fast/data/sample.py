@@ -16,7 +16,7 @@ from .transforms import CropParams, crop_resize_flip, sample_crop, sample_rng, t
 
 # Record keys that are part of the batch proper; everything else goes to meta.
 CORE_KEYS = frozenset({"image", "width", "height", "text", "regions", "labels", "image_path",
-                       "_line", "_file"})
+                       "_line", "_file", "_index"})
 REGION_CORE = frozenset({"bbox", "text", "label"})
 
 

@@ -106,6 +106,9 @@ def transform_boxes(boxes: np.ndarray, p: CropParams, out_w: int, out_h: int, *,
     out[:, 3] = (c[:, 3] - p.y0) * sy
     if p.flip:
         out[:, [0, 2]] = out_w - out[:, [2, 0]]
+    # Rounding can leave -1e-14 or S + 1e-14; boxes are promised inside [0, S].
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0.0, out_w)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0.0, out_h)
     keep = ((vis >= min_visible * np.maximum(area, 1e-12))
             & (out[:, 2] - out[:, 0] >= min_size_px) & (out[:, 3] - out[:, 1] >= min_size_px))
     idx = np.nonzero(keep)[0].astype(np.int64)
