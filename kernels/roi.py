@@ -55,6 +55,16 @@ def _configs(gpu: list[tuple[int, int]], interp_block_c: int) -> list[triton.Con
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
+def _div(x, y):
+    # Correctly rounded division: Triton's fp32 '/' is approximate (div.full.f32).
+    if x.dtype == tl.float64:
+        q = x / y
+    else:
+        q = tl.math.div_rn(x, y)
+    return q
+
+
+@triton.jit
 def _scaled(v, scale_hi, scale_lo):
     # Float arguments reach kernels as float32: float64 launches pass the scale as a float32
     # pair (hi + lo, ~48 bits); the others pass lo = 0, which leaves v * hi unchanged.
@@ -78,11 +88,12 @@ def _roi_geometry(rois_ptr, k, scale_hi, scale_lo, sampling_ratio, PH: tl.conste
     if not ALIGNED:  # legacy mode forces malformed rois to 1x1
         roi_w = tl.maximum(roi_w, 1.0)
         roi_h = tl.maximum(roi_h, 1.0)
-    bin_h = roi_h / PH
-    bin_w = roi_w / PW
+    # ceil() of an exact quotient such as 14 / 7 must not become 3: hence _div.
+    bin_h = _div(roi_h, PH * 1.0)
+    bin_w = _div(roi_w, PW * 1.0)
     adaptive = sampling_ratio <= 0
-    grid_h = tl.where(adaptive, tl.ceil(roi_h / PH).to(tl.int32), sampling_ratio)
-    grid_w = tl.where(adaptive, tl.ceil(roi_w / PW).to(tl.int32), sampling_ratio)
+    grid_h = tl.where(adaptive, tl.ceil(bin_h).to(tl.int32), sampling_ratio)
+    grid_w = tl.where(adaptive, tl.ceil(bin_w).to(tl.int32), sampling_ratio)
     grid_h = tl.maximum(grid_h, 0)
     grid_w = tl.maximum(grid_w, 0)
     count = tl.maximum(grid_h * grid_w, 1).to(ACC)
@@ -107,7 +118,7 @@ def _tap_weight(pos, idx, size):
 @triton.jit
 def _sample_pos(start, bin_sz, p_idx, s, grid):
     # Same operation order as torchvision so that sample coordinates agree bit for bit.
-    return start + p_idx * bin_sz + (s + 0.5) * bin_sz / grid
+    return start + p_idx * bin_sz + _div((s + 0.5) * bin_sz, grid)
 
 
 @triton.jit
