@@ -31,34 +31,15 @@ class ROIConfig:
     backend: str = "auto"
 
 
-def _roi_pool_fuse_fallback(features, rois, global_feat, gate_weight, gate_bias, spatial_scale,
-                            output_size, sampling_ratio, aligned):
-    # torchvision RoIAlign + mean + gate: the same math as regionmed_fast.ops.roi_pool_fuse,
-    # used only when that op is not importable
-    from torchvision.ops import roi_align
-    feats = features.permute(0, 3, 1, 2)  # NHWC -> NCHW view
-    pooled = roi_align(feats, rois.to(feats.dtype), output_size, spatial_scale, sampling_ratio,
-                       aligned)
-    r = pooled.float().mean((2, 3))
-    g = global_feat.float()[rois[:, 0].long()]
-    a = torch.sigmoid(r @ gate_weight[0].float() + g @ gate_weight[1].float() + gate_bias.float())
-    return (a[:, None] * r + (1 - a[:, None]) * g).to(features.dtype)
-
-
 def roi_pool_fuse_nhwc(features: torch.Tensor, rois: torch.Tensor, global_feat: torch.Tensor,
                        gate_weight: torch.Tensor, gate_bias: torch.Tensor, *,
                        spatial_scale: float, output_size: int, sampling_ratio: int,
                        aligned: bool, backend: str = "auto") -> torch.Tensor:
     """``regionmed_fast.ops.roi_pool_fuse`` on an NHWC grid ``[B, h, w, C]`` with ``rois``
     ``[K, 5]`` -> fused region features ``[K, C]``."""
-    try:
-        from regionmed_fast.ops import roi_pool_fuse
-    except (ImportError, AttributeError):
-        roi_pool_fuse = None
-    if roi_pool_fuse is None:
-        return _roi_pool_fuse_fallback(features, rois, global_feat, gate_weight, gate_bias,
-                                       spatial_scale, output_size, sampling_ratio, aligned)
-    return roi_pool_fuse(features, rois, global_feat, gate_weight, gate_bias,
+    from regionmed_fast.ops import roi_pool_fuse
+    dt = features.dtype  # the kernels take one dtype for the map, the global token and the gate
+    return roi_pool_fuse(features, rois, global_feat.to(dt), gate_weight.to(dt), gate_bias.to(dt),
                          spatial_scale=spatial_scale, output_size=output_size,
                          sampling_ratio=sampling_ratio, aligned=aligned, layout="nhwc",
                          backend=backend)

@@ -133,11 +133,15 @@ class TextEncoder(nn.Module):
             self.set_grad_checkpointing(True)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.transformer.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+        t = self.transformer
+        kw = {"use_reentrant": False}
+        # transformers >= 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        if hasattr(t, "activation_checkpointing_enable"):
+            t.activation_checkpointing_enable(kw) if enable else t.activation_checkpointing_disable()
+        elif enable:
+            t.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         else:
-            self.transformer.gradient_checkpointing_disable()
+            t.gradient_checkpointing_disable()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if ids.ndim != 2:
