@@ -339,13 +339,13 @@ def _group_ids(positives, n: int, m: int, comm, device: torch.device):
     if positives is None:
         n_all = comm.gather(torch.tensor([n], device=device))
         m_all = comm.gather(torch.tensor([m], device=device))
-        if not torch.equal(n_all, m_all):
+        if int(n_all.sum()) != int(m_all.sum()):
             raise ValueError(f"{_OP}: positives=None pairs image i with text i and needs N == M, got "
-                             f"N={int(n_all.sum())}, M={int(m_all.sum())} (per rank {n_all.tolist()} / {m_all.tolist()})")
+                             f"N={int(n_all.sum())}, M={int(m_all.sum())}; pass positives=(image_ids, text_ids)")
         total = int(n_all.sum())
-        off = comm.offset(n)
+        off_i, off_t = comm.offset(n), comm.offset(m)
         ids = torch.arange(total, device=device)
-        return ids[off: off + n], ids[off: off + m], ids, ids, total
+        return ids[off_i: off_i + n], ids[off_t: off_t + m], ids, ids, total
     ii_all, tt_all = comm.gather(positives[0]), comm.gather(positives[1])
     uniq, inv = torch.unique(torch.cat([ii_all, tt_all]), return_inverse=True)
     gi_all, gt_all = inv[: ii_all.numel()], inv[ii_all.numel():]
