@@ -51,7 +51,18 @@ def _triton_module_status() -> str:
     return f"regionmed_fast.kernels.roi lacks {missing}" if missing else ""
 
 
+_STATUS_MEMO: dict[tuple[str, str], str] = {}
+
+
 def _status(backend: str, device: torch.device) -> str:
+    # A plain dict memo (not lru_cache): under torch.compile dynamo reads a hit as a constant.
+    key = (backend, device.type)
+    if key not in _STATUS_MEMO:
+        _STATUS_MEMO[key] = _compute_status(backend, device)
+    return _STATUS_MEMO[key]
+
+
+def _compute_status(backend: str, device: torch.device) -> str:
     reason = _backend.status(backend, device)
     if reason:
         return reason

@@ -82,7 +82,8 @@ def _bins(features_nhwc: Tensor, rois: Tensor, output_size: tuple[int, int], spa
     rois = rois.to(acc)
     K = rois.shape[0]
     if K == 0:
-        return features_nhwc.new_zeros((0, PH, PW, C), dtype=acc)
+        # Tied to the features (an empty sum) so that backward still reaches them, with zeros.
+        return features_nhwc.new_zeros((0, PH, PW, C), dtype=acc) + features_nhwc.flatten()[:0].sum().to(acc)
     off = 0.5 if aligned else 0.0
     x1, y1 = rois[:, 1] * spatial_scale - off, rois[:, 2] * spatial_scale - off
     roi_w, roi_h = rois[:, 3] * spatial_scale - off - x1, rois[:, 4] * spatial_scale - off - y1
