@@ -16,6 +16,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake not installed")
 def test_cmake_build_and_ctest(tmp_path):
     env = dict(os.environ)
+    # Without it torch's CMake config tries to detect a GPU with a CUDA20 try_run and fails.
+    env.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
     # A CUDA build of torch makes find_package(Torch) look for the toolkit (see ENV-NOTES).
     args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}", f"-DPython_EXECUTABLE={sys.executable}"]
     if os.path.isdir("/usr/local/cuda"):
