@@ -1,5 +1,5 @@
 """Turn one manifest record + its encoded image into one training sample (CPU path), and
-collate samples into the batch format of INTERFACES.md (images still uint8 channels-last;
+collate samples into the batch format of INTERFACES.md (images still uint8 [B, 3, S, S];
 :class:`regionmed_fast.data.loader.Loader` normalises them in the main process, which moves
 4x fewer bytes between worker processes than float32 would)."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 
-from .decode import decode_image
+from .decode import decode_image, reduced_min_size
 from .manifest import (SIZE_MISMATCH, UNREADABLE_IMAGE, ManifestError, Problem)
 from .transforms import CropParams, crop_resize_flip, sample_crop, sample_rng, transform_boxes
 
@@ -60,11 +60,13 @@ def load_sample(rec: dict, data: bytes, *, size: int, train: bool, seed: int, ep
     p = geometry(rec, size, train, seed, epoch, index)
     w, h = int(rec["width"]), int(rec["height"])
     # Smallest decode that still leaves the crop at least `size` pixels on each side.
-    min_w, min_h = math.ceil(w * size / p.w), math.ceil(h * size / p.h)
-    reduce = reduced_decode and (min_w < w and min_h < h)
+    want = None
+    if reduced_decode:
+        want = reduced_min_size(w, h, math.ceil(w * size / p.w), math.ceil(h * size / p.h))
+    reduce = want is not None
     file, line = record_where(rec)
     try:
-        img = decode_image(data, min_size=(min_w, min_h) if reduce else None, backend=decoder)
+        img = decode_image(data, min_size=want, backend=decoder)
     except Exception as exc:
         raise ManifestError(Problem(file, line, UNREADABLE_IMAGE,
                                     f"cannot decode {rec['image']}: {type(exc).__name__}: {exc}")) from None
@@ -80,7 +82,7 @@ def load_sample(rec: dict, data: bytes, *, size: int, train: bool, seed: int, ep
 
 
 def collate(samples: list[dict | None]) -> dict:
-    """Samples -> batch (uint8 images [B, H, W, 3]); ``None`` samples (skipped bad records) are
+    """Samples -> batch (uint8 images [B, 3, H, W]); ``None`` samples (skipped bad records) are
     dropped and counted in ``batch["_skipped"]``."""
     good = [s for s in samples if s is not None]
     skipped = len(samples) - len(good)
@@ -96,7 +98,7 @@ def collate(samples: list[dict | None]) -> dict:
     if b:
         images = torch.from_numpy(np.stack([s["image"] for s in good]))
     else:
-        images = torch.zeros((0, 0, 0, 3), dtype=torch.uint8)
+        images = torch.zeros((0, 3, 0, 0), dtype=torch.uint8)
     return {
         "images": images,
         "boxes": boxes,

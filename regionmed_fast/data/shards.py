@@ -228,7 +228,8 @@ def _shuffle_buffer(stream, size: int, rng: np.random.Generator):
 
 def make_shard_loader(src: str, *, image_size: int, batch_size: int, train: bool, tokenizer,
                       num_workers: int, seed: int, skip_bad: bool, shuffle: bool,
-                      drop_last: bool, rank: int, world: int, decoder: str = "auto"):
+                      drop_last: bool, rank: int, world: int, decoder: str = "auto",
+                      device: str | None = None):
     """The CPU-path loader over shards (called by :func:`make_loader`)."""
     from .loader import Loader
 
@@ -242,4 +243,5 @@ def make_shard_loader(src: str, *, image_size: int, batch_size: int, train: bool
     per_rank = sum(counts) / world
     # Batches per epoch (exact for one worker; each extra worker may add one partial batch).
     n = math.floor(per_rank / batch_size) if drop_last else math.ceil(per_rank / batch_size)
-    return Loader(dl, max(n, 0), tokenizer=tokenizer, sampler=ds, name=src, backend="cpu")
+    return Loader(dl, max(n, 0), tokenizer=tokenizer, sampler=ds, name=src, backend="cpu",
+                  device=device)

@@ -24,6 +24,7 @@ resized to ``S x S`` (no crop, so no box is ever lost; the aspect ratio is not k
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,12 +118,22 @@ def transform_boxes(boxes: np.ndarray, p: CropParams, out_w: int, out_h: int, *,
 
 def crop_resize_flip(img: np.ndarray, p: CropParams, size: int, *, scale_x: float = 1.0,
                      scale_y: float = 1.0) -> np.ndarray:
-    """Apply the pixel side of ``p`` to ``img`` (uint8 [H, W, 3]) -> uint8 [size, size, 3].
+    """Apply the pixel side of ``p`` to ``img`` (uint8 [H, W, 3]) -> uint8 [3, size, size].
 
     ``scale_x``/``scale_y``: how much smaller ``img`` is than the stored image (a reduced-size
-    decode); the window is scaled by them, so the geometry is unchanged. Uses Pillow's
-    antialiased bilinear resize with a float source box (crop and resize in one pass).
+    decode). Full-size images take torch's antialiased bilinear uint8 resize of the integer
+    window (the AVX2 kernel; about 4x faster than Pillow here). Reduced decodes, whose window is
+    fractional in decoded pixels, take Pillow's resize with a float source box, so the geometry
+    is the same either way. Both follow Pillow's antialias filter.
     """
+    if scale_x == 1.0 and scale_y == 1.0:
+        with warnings.catch_warnings():  # Pillow's arrays are read-only; this only reads
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(img)
+        t = t[p.y0:p.y0 + p.h, p.x0:p.x0 + p.w].permute(2, 0, 1).unsqueeze(0)
+        out = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear",
+                                              antialias=True, align_corners=False)[0]
+        return (out.flip(-1) if p.flip else out).numpy()
     from PIL import Image
 
     im = Image.fromarray(img)
@@ -130,20 +141,18 @@ def crop_resize_flip(img: np.ndarray, p: CropParams, size: int, *, scale_x: floa
     im = im.resize((size, size), Image.BILINEAR, box=box)
     if p.flip:
         im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.asarray(im)
+    return np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1))
 
 
 def normalize_uint8_batch(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """uint8 [B, H, W, 3] (channels last, as the workers produce it) -> float32 [B, 3, H, W]
-    contiguous, ``(x / 255 - mean) / std``, in one pass over the output."""
-    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {tuple(images.shape)}")
-    b, h, w, _ = images.shape
-    out = torch.empty((b, 3, h, w), dtype=torch.float32, device=images.device)
-    out.copy_(images.permute(0, 3, 1, 2))
+    """uint8 [B, 3, H, W] (as the workers produce it) -> float32 [B, 3, H, W] contiguous,
+    ``(x / 255 - mean) / std``; runs on the tensor's device (pass a CUDA tensor to normalise
+    on the GPU after a 4x smaller host-to-device copy)."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be uint8 [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=images.device).view(1, 3, 1, 1)
     shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, 3, 1, 1)
-    return out.mul_(scale).add_(shift)
+    return images.to(torch.float32).contiguous().mul_(scale).add_(shift)
 
 
 def denormalize(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
