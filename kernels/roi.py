@@ -129,7 +129,7 @@ def _support(start, bin_sz, grid, P: tl.constexpr, size):
     first = _sample_pos(start, bin_sz, 0, 0, gridf)
     last = _sample_pos(start, bin_sz, P - 1, (gridf - 1.0), gridf)
     top = size - 1.0
-    lo = tl.minimum(tl.maximum(first, 0.0), top).to(tl.int32)
+    lo = tl.maximum(tl.minimum(tl.maximum(first, 0.0), top).to(tl.int32), 0)  # 0 rows: empty
     hi = tl.minimum(tl.minimum(tl.maximum(last, 0.0), top).to(tl.int32) + 1, size - 1)
     hi = tl.where(grid > 0, hi, lo - 1)
     return lo, hi
