@@ -82,6 +82,15 @@ def test_box_still_frames_drawn_box_dali_gpu(boxed_dataset):
         assert _check_framed(batch) > 0
 
 
+@pytest.mark.gpu
+def test_cpu_path_normalises_on_cuda(boxed_dataset):
+    kw = dict(image_size=S, batch_size=4, train=True, num_workers=0, seed=5, backend="cpu")
+    a = next(iter(make_loader(boxed_dataset, **kw)))
+    b = next(iter(make_loader(boxed_dataset, device="cuda", **kw)))
+    assert b["images"].is_cuda
+    torch.testing.assert_close(a["images"], b["images"].cpu(), atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(not _dali_ok(), reason="NVIDIA DALI not installed")
 def test_dali_cpu_matches_cpu_path_geometry(boxed_dataset):
     kw = dict(image_size=S, batch_size=4, train=True, num_workers=0, seed=5, shuffle=False)

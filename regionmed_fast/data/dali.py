@@ -47,7 +47,7 @@ def build_pipeline(*, batch_size: int, image_size: int, device_id: int | None, n
 
     gpu = device_id is not None
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
-                    exec_pipelined=False, exec_async=False, seed=seed)
+                    prefetch_queue_depth=1, seed=seed)  # feed one batch, run one batch
     with pipe:
         enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
         roi_start = fn.external_source(name="roi_start", dtype=types.FLOAT, ndim=1)

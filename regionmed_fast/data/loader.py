@@ -188,6 +188,7 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
     shuffle = train if shuffle is None else shuffle
     drop_last = train if drop_last is None else drop_last
     rank, world = dist_info(distributed)
+    auto = backend == "auto"
     backend = _resolve_backend(backend)
     root = os.fspath(root_or_shards)
     from .shards import is_shard_source
@@ -209,11 +210,17 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
     if backend == "dali":
         from .dali import make_dali_loader
 
-        return make_dali_loader(records, image_size=image_size, batch_size=batch_size,
-                                train=train, tokenizer=tokenizer, num_workers=num_workers,
-                                seed=seed, skip_bad=skip_bad, shuffle=shuffle,
-                                drop_last=drop_last, rank=rank, world=world, device=device,
-                                manifest_skipped=report.skipped, name=root)
+        try:
+            return make_dali_loader(records, image_size=image_size, batch_size=batch_size,
+                                    train=train, tokenizer=tokenizer, num_workers=num_workers,
+                                    seed=seed, skip_bad=skip_bad, shuffle=shuffle,
+                                    drop_last=drop_last, rank=rank, world=world, device=device,
+                                    manifest_skipped=report.skipped, name=root)
+        except Exception as exc:
+            if not auto:
+                raise
+            log.warning("DALI pipeline could not be built (%s: %s); using the CPU path",
+                        type(exc).__name__, exc)
     ds = ManifestDataset(records, image_size=image_size, train=train, seed=seed,
                          skip_bad=skip_bad, decoder=decoder)
     sampler = EpochSampler(len(records), shuffle=shuffle, seed=seed, rank=rank, world=world,
