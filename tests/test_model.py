@@ -297,3 +297,30 @@ def test_real_minilm_matches_mean_pooling(monkeypatch):
     torch.testing.assert_close(ours, want, atol=1e-5, rtol=1e-5)
     sim = ours @ ours.T
     assert sim[0, 1] > sim[0, 2] + 0.2  # pretrained: nodule texts are closer to each other
+
+
+def test_text_cache_for_a_frozen_tower(model, tok):
+    ids, mask = tok(["a 6 mm nodule", "a large left pleural effusion", "a 6 mm nodule"])
+    with torch.no_grad():
+        want = model.encode_text(ids, mask)
+    calls = []
+    hook = model.text.register_forward_hook(lambda *a: calls.append(a[1][0].shape[0]))
+    try:
+        model.enable_text_cache()
+        for p in model.text.parameters():
+            p.requires_grad_(False)
+        model.train()  # misses still run without dropout: a frozen tower is deterministic
+        got = model.encode_text(ids, mask)
+        again = model.encode_text(ids[1:], mask[1:])
+        assert calls == [2]  # two distinct texts encoded once, the rest from the cache
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(again, want[1:], atol=1e-5, rtol=1e-5)
+        got.sum().backward()  # text_proj still trains
+        assert model.text_proj.weight.grad is not None
+    finally:
+        hook.remove()
+        model.enable_text_cache(False)
+        for p in model.text.parameters():
+            p.requires_grad_(True)
+        model.eval()
+        model.zero_grad()

@@ -107,6 +107,8 @@ class RegionMedCLIP(nn.Module):
         self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
                            if config.init_logit_bias is not None else None)
         self._tokenizer: Tokenizer | None = None
+        self._text_cache: dict[bytes, torch.Tensor] | None = None
+        self._text_cache_max = 0
 
     # ------------------------------------------------------------------ encoders
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -161,8 +163,49 @@ class RegionMedCLIP(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
         """ids int64 [T, L], mask int64 [T, L] (1 = token) -> [T, D]."""
-        x = self.text_proj(self.text(ids, mask))
+        if self._text_cache is not None and not any(p.requires_grad
+                                                    for p in self.text.parameters()):
+            feats = self._cached_text_features(ids, mask)
+        else:
+            feats = self.text(ids, mask)
+        x = self.text_proj(feats)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def enable_text_cache(self, enable: bool = True, max_entries: int = 500_000) -> None:
+        """Cache the text tower's pooled output per distinct text while the tower is frozen
+        (every ``text`` parameter has ``requires_grad=False``): a frozen tower maps a text to
+        one vector, so each text is encoded once per run (misses run with dropout off). The
+        trainable ``text_proj`` is applied after the cache. Cleared by disabling."""
+        self._text_cache = {} if enable else None
+        self._text_cache_max = max_entries
+
+    @torch.no_grad()
+    def _cached_text_features(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        mask = torch.ones_like(ids) if mask is None else mask
+        lengths = mask.sum(1).tolist()
+        rows = ids.cpu().numpy()
+        keys = [rows[i, :n].tobytes() for i, n in enumerate(lengths)]
+        first: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k not in self._text_cache:
+                first.setdefault(k, i)  # duplicates in a batch are encoded once
+        fresh: dict[bytes, torch.Tensor] = {}
+        if first:
+            miss = list(first.values())
+            was = self.text.training
+            self.text.eval()
+            try:
+                L = max(lengths[i] for i in miss)
+                sel = torch.tensor(miss, device=ids.device)
+                new = self.text(ids[sel, :L], mask[sel, :L]).float()
+            finally:
+                self.text.train(was)
+            fresh = dict(zip(first, new))
+            if len(self._text_cache) < self._text_cache_max:
+                self._text_cache.update(fresh)
+        dtype = self.text_proj.weight.dtype
+        return torch.stack([fresh[k] if k in fresh else self._text_cache[k]
+                            for k in keys]).to(dtype)
 
     def patch_text_similarity(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """Cosine similarity of every patch with a text: images [B, 3, H, W], text_emb [B, D]
@@ -217,27 +260,18 @@ class RegionMedCLIP(nn.Module):
         out["image_global"] = F.normalize(self.image_proj(pooled), dim=-1)
 
         ids, mask = self._batch_ids(batch, "text_ids", "text_mask", "texts")
-        n_text = ids.shape[0]
-        has_region_text = use_regions and ("region_text_ids" in batch or "region_texts" in batch)
-        if has_region_text:
+        out["text"] = self.encode_text(ids, mask)
+        if use_regions and ("region_text_ids" in batch or "region_texts" in batch):
             rids, rmask = self._batch_ids(batch, "region_text_ids", "region_text_mask",
                                           "region_texts")
             K = out["region"].shape[0]
             if rids.shape[0] != K:
                 raise ValueError(f"batch has {rids.shape[0]} region texts for {K} boxes "
                                  "(sum of box_counts)")
-            # one text-tower call for image and region texts: pad both to one length
-            L = max(ids.shape[1], rids.shape[1])
-            mask = torch.ones_like(ids) if mask is None else mask
-            rmask = torch.ones_like(rids) if rmask is None else rmask
-            ids = torch.cat([F.pad(ids, (0, L - ids.shape[1])),
-                             F.pad(rids.to(ids.device), (0, L - rids.shape[1]))])
-            mask = torch.cat([F.pad(mask, (0, L - mask.shape[1])),
-                              F.pad(rmask.to(mask.device), (0, L - rmask.shape[1]))])
-        text = self.encode_text(ids, mask)
-        out["text"] = text[:n_text]
-        if has_region_text:
-            out["region_text"] = text[n_text:]
+            # a separate call: region texts are short, padding them to the image texts' length
+            # would double the text tower's work
+            out["region_text"] = (self.encode_text(rids, rmask) if K else
+                                  out["text"].new_zeros(0, out["text"].shape[1]))
         out["logit_scale"] = self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
         out["logit_bias"] = self.logit_bias
         return out
