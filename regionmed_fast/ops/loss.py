@@ -68,6 +68,7 @@ class _Spec:
     gi_all: torch.Tensor    # group ids of all images [N]
     gt_all: torch.Tensor    # group ids of all texts [M]
     groups: int
+    local_diag: bool        # positives=None in one process: text i is image i's only positive
 
 
 def _engine(backend: str):
@@ -106,7 +107,37 @@ def _shifts(stats: torch.Tensor, log_d: torch.Tensor, log_t: torch.Tensor, w: to
     return torch.stack([s0, s1, s2])
 
 
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _pos_rows(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, yf: torch.Tensor) -> torch.Tensor:
+    """``z_i = a_i sum_{j in P(i)} y_j + sum_{j in P(i)} b_j y_j`` for the local images."""
+    if spec.local_diag:
+        return yf * (a if b is None else a + b)[:, None]
+    z = spec.comm.sum(_index_sum(spec.groups, spec.gt, yf))[spec.gi].mul_(a[:, None])
+    if b is not None:
+        z += spec.comm.sum(_index_sum(spec.groups, spec.gt, yf * b[:, None]))[spec.gi]
+    return z
+
+
+def _pos_cols(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, xf: torch.Tensor) -> torch.Tensor:
+    """``sum_{i in P(j)} a_i x_i + b_j sum_{i in P(j)} x_i`` for the local texts."""
+    if spec.local_diag:
+        return xf * (a if b is None else a + b)[:, None]
+    out = spec.comm.sum(_index_sum(spec.groups, spec.gi, xf * a[:, None]))[spec.gt]
+    if b is not None:
+        out += spec.comm.sum(_index_sum(spec.groups, spec.gi, xf))[spec.gt].mul_(b[:, None])
+    return out
+
+
 class _ClipLossFn(torch.autograd.Function):
+    """Loss = pairwise part (engine, tile by tile) - positive part (closed form, O((N+M) D)).
+
+    With per-image weights ``a`` and per-text weights ``b`` the positive part is
+    ``scale * sum_i <x_i, z_i>`` (+ the bias for SigLIP), see :func:`_pos_rows`.
+    """
+
     @staticmethod
     def forward(ctx, x, y, scale, bias, spec: _Spec):
         comm, eng = spec.comm, spec.engine
@@ -116,10 +147,8 @@ class _ClipLossFn(torch.autograd.Function):
         cnt_t = torch.bincount(spec.gt_all, minlength=spec.groups)
         cnt_i = torch.bincount(spec.gi_all, minlength=spec.groups)
         p_loc = cnt_t[spec.gi]                    # positives of each local image
-        q_loc = cnt_i[spec.gt]                    # positives of each local text
         xf, yf = x.to(cd), y.to(cd)
         scale_c = scale.to(cd)
-        ysum = comm.sum(_index_sum(spec.groups, spec.gt, yf))
         if spec.kind == "softmax":
             nv = int((cnt_t[spec.gi_all] > 0).sum())
             mv = int((cnt_i[spec.gt_all] > 0).sum())
@@ -128,9 +157,9 @@ class _ClipLossFn(torch.autograd.Function):
             w = (p_loc > 0).to(cd) * (0.5 / nv)
             q_all = cnt_i[spec.gt_all]
             v_all = (q_all > 0).to(cd) * (0.5 / mv)
-            gt_tiles = spec.gt_all if spec.beta > 0 else None
-            rows, cols = eng.softmax_stats(x, yg, scale, spec.gi if spec.beta > 0 else None, gt_tiles,
-                                           spec.beta, spec.tile)
+            hard = spec.beta > 0
+            rows, cols = eng.softmax_stats(x, yg, scale, spec.gi if hard else None,
+                                           spec.gt_all if hard else None, spec.beta, spec.tile)
             rows, cols = rows.to(cd), comm.lse(cols.to(cd))
             nneg_r, nneg_c = m_all - p_loc, n_all - q_all
             logd_r, logt_r = _log_d(rows, nneg_r)
@@ -139,52 +168,45 @@ class _ClipLossFn(torch.autograd.Function):
                 torch.where(v_all > 0, v_all * logd_c, 0.0).sum()
             a = w / p_loc.clamp(min=1)
             off = comm.offset(y.shape[0])
-            b_loc = v_all[off: off + y.shape[0]] / q_loc.clamp(min=1)
-            yb = comm.sum(_index_sum(spec.groups, spec.gt, b_loc[:, None] * yf))
-            z = a[:, None] * ysum[spec.gi] + yb[spec.gi]
-            loss = lse_part - scale_c * comm.sum((xf * z).sum())
+            b = v_all[off: off + y.shape[0]] / cnt_i[spec.gt].clamp(min=1)
+            loss = lse_part - scale_c * comm.sum(_dot(xf, _pos_rows(spec, a, b, yf)))
             ctx.shifts = (_shifts(rows, logd_r, logt_r, w, nneg_r), _shifts(cols, logd_c, logt_c, v_all, nneg_c))
-            ctx.b_loc = b_loc
-            ctx.a = a
         else:
             inv_n = 1.0 / n_all
-            b_c = bias.to(cd)
+            a, b = torch.full_like(p_loc, inv_n, dtype=cd), None
             npos = float(cnt_t[spec.gi_all].sum())
             pair = comm.sum(eng.sigmoid_sum(x, yg, scale, bias, spec.tile).to(cd))
-            z = ysum[spec.gi] * inv_n
-            loss = pair * inv_n - scale_c * comm.sum((xf * z).sum()) - b_c * (npos * inv_n)
+            loss = pair * inv_n - scale_c * comm.sum(_dot(xf, _pos_rows(spec, a, b, yf))) \
+                - bias.to(cd) * (npos * inv_n)
             ctx.npos, ctx.inv_n = npos, inv_n
-        ctx.spec = spec
-        ctx.save_for_backward(x, y, yg, scale, bias, z)
+        ctx.spec, ctx.a, ctx.b = spec, a, b
+        ctx.save_for_backward(x, y, yg, scale, bias)
         return loss
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, y, yg, scale, bias, z = ctx.saved_tensors
+        x, y, yg, scale, bias = ctx.saved_tensors
         spec = ctx.spec
         comm, eng = spec.comm, spec.engine
-        cd = z.dtype
+        cd = ctx.a.dtype
         xf, yf = x.to(cd), y.to(cd)
         scale_c = scale.to(cd)
         g = grad_out.to(cd)
-        off = comm.offset(y.shape[0])
-        xsum = comm.sum(_index_sum(spec.groups, spec.gi, xf))
         if spec.kind == "softmax":
-            gi_t = spec.gi if spec.beta > 0 else None
-            gt_t = spec.gt_all if spec.beta > 0 else None
-            gx_u, gy = eng.softmax_grads(x, yg, scale, gi_t, gt_t, spec.beta, ctx.shifts[0], ctx.shifts[1],
-                                         spec.tile)
-            xa = comm.sum(_index_sum(spec.groups, spec.gi, ctx.a[:, None] * xf))
-            dy_pos = xa[spec.gt] + ctx.b_loc[:, None] * xsum[spec.gt]
+            hard = spec.beta > 0
+            gx, gy = eng.softmax_grads(x, yg, scale, spec.gi if hard else None, spec.gt_all if hard else None,
+                                       spec.beta, ctx.shifts[0], ctx.shifts[1], spec.tile)
             gbias = torch.zeros((), dtype=cd, device=x.device)
         else:
-            gx_u, gy, gsum = eng.sigmoid_grads(x, yg, scale, bias, ctx.inv_n, spec.tile)
-            dy_pos = xsum[spec.gt] * ctx.inv_n
+            gx, gy, gsum = eng.sigmoid_grads(x, yg, scale, bias, ctx.inv_n, spec.tile)
             gbias = g * (comm.sum(gsum.to(cd)) - ctx.npos * ctx.inv_n)
-        gx_u, gy = gx_u.to(cd), comm.sum(gy.to(cd))[off: off + y.shape[0]]
-        grad_x = g * scale_c * (gx_u - z)
-        grad_y = g * (gy - scale_c * dy_pos)
-        grad_scale = g * comm.sum((xf * (gx_u - z)).sum())
+        # in place from here on: at large N these [N, D] buffers are most of the memory we use
+        gx = gx.to(cd).sub_(_pos_rows(spec, ctx.a, ctx.b, yf))
+        grad_scale = g * comm.sum(_dot(xf, gx))
+        grad_x = gx.mul_(g * scale_c)
+        off = comm.offset(y.shape[0])
+        grad_y = comm.sum(gy.to(cd))[off: off + y.shape[0]]
+        grad_y.sub_(_pos_cols(spec, ctx.a, ctx.b, xf).mul_(scale_c)).mul_(g)
         return (grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale.to(scale.dtype).reshape(scale.shape),
                 gbias.to(bias.dtype).reshape(bias.shape), None)
 
@@ -330,7 +352,8 @@ def chunked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_sca
         bias_t = torch.zeros((), dtype=torch.float32, device=device)
     else:
         bias_t = bias
-    spec = _Spec(kind, beta, _engine(chosen), tile, comm, gi, gt, gi_all, gt_all, groups)
+    spec = _Spec(kind, beta, _engine(chosen), tile, comm, gi, gt, gi_all, gt_all, groups,
+                 positives is None and group is None)
     return _ClipLossFn.apply(image_emb.contiguous(), text_emb.contiguous(), scale, bias_t, spec)
 
 

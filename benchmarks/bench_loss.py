@@ -1,0 +1,151 @@
+"""Benchmark of the chunked CLIP loss, forward + backward (DESIGN.md 3.3, issue 2).
+
+Cases, side by side in one run, per batch size B (N = M = B, D = 512):
+``reference`` (plain PyTorch, full logits), ``open_clip.ClipLoss`` (the baseline), ours with
+``backend="auto"`` and ours with the chunked path forced (``cpu`` tiles on a CPU, ``triton``
+on a GPU), and on a GPU ``inf_cl`` when it is importable. Gradients flow to both embeddings
+and to the (learnable, exponentiated) logit scale.
+
+Floor: the math needs four B x B x D matrix products (one forward, three backward with
+recomputation); ``img @ txt.T`` of the same size is timed in the same run and the floor is
+4x that. Ratios: ``speedup vs open_clip`` (baseline time / case time), ``memory vs
+open_clip`` (case / baseline extra peak memory) and ``time / floor``.
+
+    python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--sizes 1024,4096,16384]
+"""
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import runner  # noqa: E402
+
+from regionmed_fast.ops import chunked_clip_loss  # noqa: E402
+from regionmed_fast.ops.loss_reference import clip_loss_reference  # noqa: E402
+
+BASELINE = "open_clip.ClipLoss"
+
+
+def _inf_cl():
+    try:
+        from inf_cl import cal_inf_loss
+    except Exception as exc:  # not installed, or no GPU build
+        return None, f"{type(exc).__name__}: {exc}"
+
+    def loss(x, y, scale):
+        # inf_cl computes one direction per call; CLIP's loss is the mean of both
+        return 0.5 * (cal_inf_loss(x, y, scale=scale) + cal_inf_loss(y, x, scale=scale))
+
+    return loss, ""
+
+
+def impls(device: str, forced: str):
+    import open_clip
+
+    clip = open_clip.loss.ClipLoss()
+    out = [
+        (BASELINE, lambda x, y, s: clip(x, y, s)),
+        ("reference", lambda x, y, s: clip_loss_reference(x, y, s)),
+        ("ours-auto", lambda x, y, s: chunked_clip_loss(x, y, s)),
+        (f"ours-{forced} (chunked)", lambda x, y, s: chunked_clip_loss(x, y, s, backend=forced,
+                                                                      chunk_size=None if forced == "triton"
+                                                                      else _forced_tile())),
+    ]
+    if device == "cuda":
+        fn, why = _inf_cl()
+        if fn is not None:
+            out.append(("inf_cl", fn))
+        else:
+            print(f"  (skipping inf_cl: {why})")
+    return out
+
+
+def _forced_tile():
+    from regionmed_fast.ops.loss_cpu import DEFAULT_TILE
+
+    return DEFAULT_TILE
+
+
+def gemm_floor_ms(x: torch.Tensor, y: torch.Tensor, device: str, repeats: int) -> float:
+    """4 x the median time of ``x @ y.T`` (the logits GEMM) measured now."""
+    times = runner.time_fn(lambda: x @ y.T, device, warmup=1, repeats=repeats, max_seconds=20)
+    return 4 * statistics.median(times)
+
+
+def cases_for(B: int, D: int, dtype: torch.dtype, device: str, forced: str, repeats: int,
+              skip: set[str]):
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1).to(device, dtype)
+    y0 = torch.nn.functional.normalize(torch.randn(B, D, generator=gen), dim=1).to(device, dtype)
+    dname = str(dtype).replace("torch.", "")
+    group = f"fwd+bwd B={B} D={D} {dname}"
+    floor = gemm_floor_ms(x0, y0, device, repeats)
+    print(f"  {group}: floor 4 x (img @ txt.T) = {floor:.1f} ms", flush=True)
+    cases = []
+    for label, fn in impls(device, forced):
+        if label in skip:
+            continue
+        x = x0.clone().requires_grad_(True)
+        y = y0.clone().requires_grad_(True)
+        p = torch.tensor(math.log(1 / 0.07), device=device).requires_grad_(True)
+
+        def call(fn=fn, x=x, y=y, p=p):
+            loss = fn(x, y, p.exp())
+            return torch.autograd.grad(loss, (x, y, p))
+
+        cases.append(runner.Case(label, call, group=group, device=device,
+                                 meta={"B": B, "D": D, "dtype": dname, "size": B}))
+    return cases, {group: BASELINE}, {group: floor}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = runner.common_args(__doc__.split("\n")[0])
+    p.add_argument("--sizes", default=None, help="comma-separated batch sizes (default per device)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    args = p.parse_args(argv)
+    device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device == "cuda":
+        forced = "triton"
+        default = "16384,65536" if args.quick else "4096,16384,32768,65536"
+        dtypes = [torch.bfloat16] if args.quick else [torch.float32, torch.bfloat16]
+    else:
+        forced = "cpu"
+        default = "256,1024" if args.quick else "1024,4096,16384"
+        dtypes = [torch.float32]
+    sizes = [int(s) for s in (args.sizes or default).split(",")]
+    repeats = 3 if args.quick else args.repeats
+    load = os.getloadavg()
+    print(f"bench_loss on {runner.machine_tag()}: threads {torch.get_num_threads()}, load {load}")
+    results = []
+    for dtype in dtypes:
+        for B in sizes:
+            skip = set()
+            if device == "cuda" and (B * B * (4 if dtype == torch.float32 else 2)) > 8 * 2**30:
+                skip = {BASELINE, "reference"}  # full logits would not fit next to their copies
+            elif device == "cuda" and B >= 32768:
+                skip = {"reference"}  # the same full-logits math as open_clip
+            cases, baselines, floors = cases_for(B, args.dim, dtype, device, forced, repeats, skip)
+            big = device == "cpu" and B >= 8192  # a call takes seconds: the memory call warms up
+            results += runner.run_cases(cases, warmup=0 if big else 1, repeats=repeats,
+                                        max_seconds=10 if args.quick else 30,
+                                        baselines=baselines, floors=floors)
+    extra = {"quick": args.quick, "load_avg_start": load, "load_avg_end": os.getloadavg(),
+             "size_label": "batch size B (N = M)", "floor": "4 x time of img @ txt.T, same run"}
+    json_path, md_path = runner.save("loss", results, extra, out_dir=args.out)
+    print(runner.markdown_table(results, "bench_loss"))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
