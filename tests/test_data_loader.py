@@ -66,6 +66,17 @@ def test_train_epochs_differ_and_are_reproducible(tmp_path):
     assert [m["crop"] for x in b for m in x["meta"]] == e1
 
 
+def test_flip_off_and_scale(tmp_path):
+    root = good_dataset(str(tmp_path / "ds"), n=8)
+    dl = make_loader(root, image_size=32, batch_size=8, train=True, num_workers=0, flip_p=0.0,
+                     scale=(0.9, 1.0))
+    crops = [m["crop"] for _ in range(3) for b in dl for m in b["meta"]]
+    assert not any(c[4] for c in crops)
+    assert all(c[2] * c[3] >= 0.85 * 64 * 48 for c in crops)
+    with pytest.raises(ValueError, match="flip_p"):
+        make_loader(root, image_size=32, batch_size=8, train=True, flip_p=2.0)
+
+
 def test_workers_give_the_same_batches(tmp_path):
     root = good_dataset(str(tmp_path / "ds"), n=8)
     kw = dict(image_size=32, batch_size=4, train=True, seed=2)

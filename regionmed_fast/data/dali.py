@@ -83,7 +83,8 @@ class DaliBatches:
 
     def __init__(self, records: list[dict], *, image_size: int, batch_size: int, train: bool,
                  seed: int, sampler: EpochSampler, drop_last: bool, device: torch.device,
-                 num_threads: int):
+                 num_threads: int, aug=None):
+        self.aug = aug
         self.records, self.size, self.batch_size = records, image_size, batch_size
         self.train, self.seed, self.sampler, self.drop_last = train, seed, sampler, drop_last
         self.device = device
@@ -106,7 +107,7 @@ class DaliBatches:
         fields = []
         for index, epoch in chunk:
             rec = self.records[index]
-            p = geometry(rec, s, self.train, self.seed, epoch, index)
+            p = geometry(rec, s, self.train, self.seed, epoch, index, self.aug)
             # Boxes are cropped here and flipped by fn.bb_flip with the image's flag.
             boxes, keep = target_boxes(rec, CropParams(p.x0, p.y0, p.w, p.h, False), s)
             feed["enc"].append(np.frombuffer(read_bytes(rec), dtype=np.uint8))
@@ -163,7 +164,7 @@ class DaliBatches:
 def make_dali_loader(records: list[dict], *, image_size: int, batch_size: int, train: bool,
                      tokenizer, num_workers: int, seed: int, skip_bad: bool, shuffle: bool,
                      drop_last: bool, rank: int, world: int, device: str | None,
-                     manifest_skipped: int, name: str) -> Loader:
+                     manifest_skipped: int, name: str, aug=None) -> Loader:
     """The DALI loader (called by :func:`make_loader` with ``backend="dali"``)."""
     if not dali_available():
         raise ImportError("backend='dali' needs NVIDIA DALI: pip install regionmed-fast[dali]")
@@ -178,6 +179,6 @@ def make_dali_loader(records: list[dict], *, image_size: int, batch_size: int, t
                            drop_last=drop_last)
     batches = DaliBatches(records, image_size=image_size, batch_size=batch_size, train=train,
                           seed=seed, sampler=sampler, drop_last=drop_last, device=dev,
-                          num_threads=max(1, num_workers))
+                          num_threads=max(1, num_workers), aug=aug)
     return Loader(batches, len(batches), tokenizer=tokenizer, manifest_skipped=manifest_skipped,
                   sampler=sampler, name=name, backend="dali")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .manifest import ManifestError, ManifestReport, read_manifest
 from .sample import collate, load_sample, read_bytes
 from .text import tokenize_batch
-from .transforms import CLIP_MEAN, CLIP_STD, normalize_uint8_batch
+from .transforms import CLIP_MEAN, CLIP_STD, TRAIN_SCALE, Augment, normalize_uint8_batch
 
 log = logging.getLogger("regionmed_fast.data")
 
@@ -77,8 +77,10 @@ class ManifestDataset(Dataset):
     None for a bad image when ``skip_bad`` (counted by the collate function)."""
 
     def __init__(self, records: list[dict], *, image_size: int, train: bool, seed: int = 0,
-                 skip_bad: bool = False, decoder: str = "auto", reduced_decode: bool = True):
+                 skip_bad: bool = False, decoder: str = "auto", reduced_decode: bool = True,
+                 aug: Augment | None = None):
         self.records, self.size, self.train, self.seed = records, image_size, train, seed
+        self.aug = aug
         self.skip_bad, self.decoder, self.reduced_decode = skip_bad, decoder, reduced_decode
 
     def __len__(self) -> int:
@@ -90,7 +92,7 @@ class ManifestDataset(Dataset):
         try:
             return load_sample(rec, read_bytes(rec), size=self.size, train=self.train,
                                seed=self.seed, epoch=epoch, index=index, decoder=self.decoder,
-                               reduced_decode=self.reduced_decode)
+                               reduced_decode=self.reduced_decode, aug=self.aug)
         except ManifestError as exc:
             if self.skip_bad:
                 log.debug("skipping %s", exc)
@@ -167,7 +169,8 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
                 tokenizer: Callable | None = None, backend: str = "auto", num_workers: int = 2,
                 seed: int = 0, skip_bad: bool = False, shuffle: bool | None = None,
                 drop_last: bool | None = None, distributed: bool | None = None,
-                decoder: str = "auto", device: str | None = None) -> Loader:
+                decoder: str = "auto", device: str | None = None, flip_p: float = 0.5,
+                scale: tuple[float, float] = TRAIN_SCALE) -> Loader:
     """Batches of a dataset folder (``annotations.jsonl`` + images) or of WebDataset shards
     (a folder holding ``shards.json`` written by ``regionmed-fast shard``, or one .tar file).
 
@@ -180,11 +183,13 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
     of raising (file:line). ``distributed``: None = split by rank when torch.distributed is
     initialised. ``device``: where images are delivered (DALI: default the current GPU;
     CPU path: default the CPU, or e.g. "cuda" to copy uint8 and normalise there).
+    ``flip_p`` / ``scale``: training flip probability and crop-area range (see transforms).
     """
     if not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    aug = Augment(scale=tuple(scale), flip_p=float(flip_p))
     shuffle = train if shuffle is None else shuffle
     drop_last = train if drop_last is None else drop_last
     rank, world = dist_info(distributed)
@@ -201,7 +206,7 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
         return make_shard_loader(root, image_size=image_size, batch_size=batch_size, train=train,
                                  tokenizer=tokenizer, num_workers=num_workers, seed=seed,
                                  skip_bad=skip_bad, shuffle=shuffle, drop_last=drop_last,
-                                 rank=rank, world=world, decoder=decoder,
+                                 rank=rank, world=world, decoder=decoder, aug=aug,
                                  device=None if device in (None, "cpu") else device)
     report = ManifestReport()
     records = read_manifest(root, skip_bad=skip_bad, report=report)
@@ -215,14 +220,14 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
                                     train=train, tokenizer=tokenizer, num_workers=num_workers,
                                     seed=seed, skip_bad=skip_bad, shuffle=shuffle,
                                     drop_last=drop_last, rank=rank, world=world, device=device,
-                                    manifest_skipped=report.skipped, name=root)
+                                    manifest_skipped=report.skipped, name=root, aug=aug)
         except Exception as exc:
             if not auto:
                 raise
             log.warning("DALI pipeline could not be built (%s: %s); using the CPU path",
                         type(exc).__name__, exc)
     ds = ManifestDataset(records, image_size=image_size, train=train, seed=seed,
-                         skip_bad=skip_bad, decoder=decoder)
+                         skip_bad=skip_bad, decoder=decoder, aug=aug)
     sampler = EpochSampler(len(records), shuffle=shuffle, seed=seed, rank=rank, world=world,
                            drop_last=drop_last)
     dl = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,

@@ -12,7 +12,8 @@ import torch
 
 from .decode import decode_image, reduced_min_size
 from .manifest import (SIZE_MISMATCH, UNREADABLE_IMAGE, ManifestError, Problem)
-from .transforms import CropParams, crop_resize_flip, sample_crop, sample_rng, transform_boxes
+from .transforms import (Augment, CropParams, crop_resize_flip, sample_crop, sample_rng,
+                         transform_boxes)
 
 # Record keys that are part of the batch proper; everything else goes to meta.
 CORE_KEYS = frozenset({"image", "width", "height", "text", "regions", "labels", "image_path",
@@ -24,10 +25,12 @@ def record_where(rec: dict) -> tuple[str, int]:
     return rec.get("_file", "annotations.jsonl"), int(rec.get("_line", 0))
 
 
-def geometry(rec: dict, size: int, train: bool, seed: int, epoch: int, index: int) -> CropParams:
+def geometry(rec: dict, size: int, train: bool, seed: int, epoch: int, index: int,
+             aug: Augment | None = None) -> CropParams:
     """The crop/flip of sample ``index`` in ``epoch``; the same call on every backend."""
+    aug = aug or Augment()
     return sample_crop(sample_rng(seed, epoch, index), int(rec["width"]), int(rec["height"]),
-                       train=train)
+                       train=train, scale=aug.scale, ratio=aug.ratio, flip_p=aug.flip_p)
 
 
 def target_boxes(rec: dict, p: CropParams, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -54,10 +57,11 @@ def sample_fields(rec: dict, boxes: np.ndarray, keep: np.ndarray, p: CropParams)
 
 
 def load_sample(rec: dict, data: bytes, *, size: int, train: bool, seed: int, epoch: int,
-                index: int, decoder: str = "auto", reduced_decode: bool = True) -> dict:
+                index: int, decoder: str = "auto", reduced_decode: bool = True,
+                aug: Augment | None = None) -> dict:
     """Decode, crop, resize, flip one record. Raises ManifestError (file:line) when the image
     cannot be decoded or does not match the record's width/height."""
-    p = geometry(rec, size, train, seed, epoch, index)
+    p = geometry(rec, size, train, seed, epoch, index, aug)
     w, h = int(rec["width"]), int(rec["height"])
     # Smallest decode that still leaves the crop at least `size` pixels on each side.
     want = None

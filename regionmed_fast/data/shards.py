@@ -156,11 +156,11 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, files: list[str], counts: list[int], *, image_size: int, train: bool,
                  seed: int, skip_bad: bool, shuffle: bool, rank: int, world: int,
-                 decoder: str = "auto", buffer: int = 512):
+                 decoder: str = "auto", buffer: int = 512, aug=None):
         self.files, self.counts = files, counts
         self.size, self.train, self.seed, self.skip_bad = image_size, train, seed, skip_bad
         self.shuffle, self.rank, self.world, self.decoder = shuffle, rank, world, decoder
-        self.buffer = buffer
+        self.buffer, self.aug = buffer, aug
         self.epoch = 0
 
     def _raw(self, slot: int, slots: int) -> Iterator[tuple[dict, bytes]]:
@@ -205,7 +205,7 @@ class ShardDataset(IterableDataset):
             try:
                 yield load_sample(rec, data, size=self.size, train=self.train, seed=self.seed,
                                   epoch=self.epoch, index=int(rec.get("_index", 0)),
-                                  decoder=self.decoder)
+                                  decoder=self.decoder, aug=self.aug)
             except ManifestError as exc:
                 if not self.skip_bad:
                     raise
@@ -229,13 +229,14 @@ def _shuffle_buffer(stream, size: int, rng: np.random.Generator):
 def make_shard_loader(src: str, *, image_size: int, batch_size: int, train: bool, tokenizer,
                       num_workers: int, seed: int, skip_bad: bool, shuffle: bool,
                       drop_last: bool, rank: int, world: int, decoder: str = "auto",
-                      device: str | None = None):
+                      device: str | None = None, aug=None):
     """The CPU-path loader over shards (called by :func:`make_loader`)."""
     from .loader import Loader
 
     files, counts = read_index(src)
     ds = ShardDataset(files, counts, image_size=image_size, train=train, seed=seed,
-                      skip_bad=skip_bad, shuffle=shuffle, rank=rank, world=world, decoder=decoder)
+                      skip_bad=skip_bad, shuffle=shuffle, rank=rank, world=world, decoder=decoder,
+                      aug=aug)
     dl = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                     drop_last=drop_last, persistent_workers=False,
                     prefetch_factor=4 if num_workers > 0 else None,

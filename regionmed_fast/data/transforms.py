@@ -39,6 +39,24 @@ TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
 
 @dataclass(frozen=True)
+class Augment:
+    """Training augmentation settings: crop area range, aspect-ratio range, flip probability
+    (set ``flip_p=0`` where laterality words in the texts must stay true to the image side)."""
+
+    scale: tuple[float, float] = TRAIN_SCALE
+    ratio: tuple[float, float] = TRAIN_RATIO
+    flip_p: float = 0.5
+
+    def __post_init__(self):
+        if not (0 < self.scale[0] <= self.scale[1] <= 1):
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        if not (0 <= self.flip_p <= 1):
+            raise ValueError(f"flip_p must be in [0, 1], got {self.flip_p}")
+
+
+@dataclass(frozen=True)
 class CropParams:
     """Crop window ``[x0, x0+w) x [y0, y0+h)`` in stored-image pixels (ints) and a flip flag."""
 
