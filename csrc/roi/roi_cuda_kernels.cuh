@@ -1,0 +1,410 @@
+// Device code of the ROI CUDA kernels (host wrappers and registration: roi_cuda.cu). Kept free
+// of ATen so that it depends only on CUDA; see roi_cuda.cu for the design notes.
+#pragma once
+
+#include <cstdint>
+
+namespace regionmed::roi_cuda {
+
+constexpr int kThreads = 256;
+constexpr int64_t kSmemLimit = 48 * 1024;
+
+// Correctly rounded division: setup.py compiles with --use_fast_math, whose approximate float
+// division could turn the ceil() of an exact quotient such as 14 / 7 into 3.
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
+
+// torchvision's per-roi sampling geometry.
+template <typename T>
+struct Geom {
+  int64_t batch;
+  T start_h, start_w, bin_h, bin_w;
+  int grid_h, grid_w;
+  T count;
+};
+
+template <typename T>
+__device__ __forceinline__ Geom<T> make_geom(const T* roi, T scale, int ph, int pw, int sampling_ratio,
+                                             bool aligned) {
+  const T off = aligned ? T(0.5) : T(0);
+  Geom<T> g;
+  g.batch = static_cast<int64_t>(roi[0]);
+  g.start_w = roi[1] * scale - off;
+  g.start_h = roi[2] * scale - off;
+  T roi_w = roi[3] * scale - off - g.start_w;
+  T roi_h = roi[4] * scale - off - g.start_h;
+  if (!aligned) {  // legacy mode forces malformed rois to 1x1
+    roi_w = roi_w > T(1) ? roi_w : T(1);
+    roi_h = roi_h > T(1) ? roi_h : T(1);
+  }
+  g.bin_h = div_rn(roi_h, static_cast<T>(ph));
+  g.bin_w = div_rn(roi_w, static_cast<T>(pw));
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceil(g.bin_h));
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceil(g.bin_w));
+  g.grid_h = g.grid_h > 0 ? g.grid_h : 0;
+  g.grid_w = g.grid_w > 0 ? g.grid_w : 0;
+  const int n = g.grid_h * g.grid_w;
+  g.count = static_cast<T>(n > 1 ? n : 1);
+  return g;
+}
+
+// Sample coordinate of sample s of bin p along one axis (torchvision's operation order).
+template <typename T>
+__device__ __forceinline__ T sample_pos(T start, T bin, int p, int s, int grid) {
+  return start + static_cast<T>(p) * bin + div_rn(static_cast<T>(s + T(0.5)) * bin, static_cast<T>(grid));
+}
+
+// The two pixels a sample at `pos` touches along an axis of length `size`, and their weights;
+// false when the sample lies beyond one pixel outside the map (it then contributes 0).
+template <typename T>
+__device__ __forceinline__ bool axis_taps(T pos, int size, int& lo, int& hi, T& w_lo, T& w_hi) {
+  if (pos < T(-1) || pos > static_cast<T>(size)) return false;
+  if (pos <= T(0)) pos = T(0);
+  lo = static_cast<int>(pos);
+  if (lo >= size - 1) {
+    lo = hi = size - 1;
+    pos = static_cast<T>(lo);
+  } else {
+    hi = lo + 1;
+  }
+  w_hi = pos - static_cast<T>(lo);
+  w_lo = T(1) - w_hi;
+  return true;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds >= 33 values.
+template <typename T>
+__device__ T block_sum(T v, T* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T t = lane < nwarps ? scratch[lane] : T(0);
+    t = warp_sum(t);
+    if (lane == 0) scratch[32] = t;
+  }
+  __syncthreads();
+  return scratch[32];
+}
+
+// ------------------------------------------------------------------------------ roi_align
+
+template <typename scalar_t, typename acc_t>
+__global__ void roi_align_fwd_kernel(const scalar_t* __restrict__ feat, const acc_t* __restrict__ rois,
+                                     scalar_t* __restrict__ out, acc_t scale, int C, int H, int W,
+                                     int PH, int PW, int sampling_ratio, bool aligned,
+                                     bool channels_last, int chunk) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t k = blockIdx.x;
+  const int c0 = blockIdx.y * chunk;
+  const int ct = min(chunk, C - c0);
+  const int NB = PH * PW;
+  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, PH, PW, sampling_ratio, aligned);
+  const int64_t HW = static_cast<int64_t>(H) * W;
+  const int64_t s_c = channels_last ? 1 : HW;
+  const int64_t s_y = channels_last ? static_cast<int64_t>(W) * C : W;
+  const int64_t s_x = channels_last ? C : 1;
+  const scalar_t* fb = feat + g.batch * HW * C;
+  for (int t = threadIdx.x; t < ct * NB; t += blockDim.x) {
+    const int cl = channels_last ? t % ct : t / NB;
+    const int bin = channels_last ? t / ct : t % NB;
+    const int ph = bin / PW, pw = bin % PW;
+    const scalar_t* fc = fb + (c0 + cl) * s_c;
+    acc_t val = acc_t(0);
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      int ylo, yhi;
+      acc_t wylo, wyhi;
+      if (!axis_taps(sample_pos(g.start_h, g.bin_h, ph, iy, g.grid_h), H, ylo, yhi, wylo, wyhi)) continue;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        int xlo, xhi;
+        acc_t wxlo, wxhi;
+        if (!axis_taps(sample_pos(g.start_w, g.bin_w, pw, ix, g.grid_w), W, xlo, xhi, wxlo, wxhi)) continue;
+        val += wylo * wxlo * static_cast<acc_t>(fc[ylo * s_y + xlo * s_x]) +
+               wylo * wxhi * static_cast<acc_t>(fc[ylo * s_y + xhi * s_x]) +
+               wyhi * wxlo * static_cast<acc_t>(fc[yhi * s_y + xlo * s_x]) +
+               wyhi * wxhi * static_cast<acc_t>(fc[yhi * s_y + xhi * s_x]);
+      }
+    }
+    tile[cl * NB + bin] = val / g.count;
+  }
+  __syncthreads();
+  // out[k, c0:c0+ct, :, :] is one contiguous range: write it coalesced.
+  scalar_t* ob = out + (k * C + c0) * NB;
+  for (int t = threadIdx.x; t < ct * NB; t += blockDim.x) ob[t] = static_cast<scalar_t>(tile[t]);
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void roi_align_bwd_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ rois,
+                                     acc_t* __restrict__ gfeat, acc_t scale, int C, int H, int W,
+                                     int PH, int PW, int sampling_ratio, bool aligned,
+                                     bool channels_last, int chunk) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* tile = reinterpret_cast<acc_t*>(smem_raw);
+  const int64_t k = blockIdx.x;
+  const int c0 = blockIdx.y * chunk;
+  const int ct = min(chunk, C - c0);
+  const int NB = PH * PW;
+  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, PH, PW, sampling_ratio, aligned);
+  const scalar_t* gb = grad + (k * C + c0) * NB;
+  for (int t = threadIdx.x; t < ct * NB; t += blockDim.x) tile[t] = static_cast<acc_t>(gb[t]) / g.count;
+  __syncthreads();
+  const int64_t HW = static_cast<int64_t>(H) * W;
+  const int64_t s_c = channels_last ? 1 : HW;
+  const int64_t s_y = channels_last ? static_cast<int64_t>(W) * C : W;
+  const int64_t s_x = channels_last ? C : 1;
+  acc_t* fb = gfeat + g.batch * HW * C;
+  for (int t = threadIdx.x; t < ct * NB; t += blockDim.x) {
+    const int cl = channels_last ? t % ct : t / NB;
+    const int bin = channels_last ? t / ct : t % NB;
+    const int ph = bin / PW, pw = bin % PW;
+    const acc_t gv = tile[cl * NB + bin];
+    if (gv == acc_t(0)) continue;
+    acc_t* fc = fb + (c0 + cl) * s_c;
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      int ylo, yhi;
+      acc_t wylo, wyhi;
+      if (!axis_taps(sample_pos(g.start_h, g.bin_h, ph, iy, g.grid_h), H, ylo, yhi, wylo, wyhi)) continue;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        int xlo, xhi;
+        acc_t wxlo, wxhi;
+        if (!axis_taps(sample_pos(g.start_w, g.bin_w, pw, ix, g.grid_w), W, xlo, xhi, wxlo, wxhi)) continue;
+        atomicAdd(fc + ylo * s_y + xlo * s_x, gv * wylo * wxlo);
+        atomicAdd(fc + ylo * s_y + xhi * s_x, gv * wylo * wxhi);
+        atomicAdd(fc + yhi * s_y + xlo * s_x, gv * wyhi * wxlo);
+        atomicAdd(fc + yhi * s_y + xhi * s_x, gv * wyhi * wxhi);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ roi_pool_fuse
+
+// Shared-memory layout of the separable roi weights: non-zero rows (index, weight) and columns.
+template <typename acc_t>
+struct Support {
+  acc_t* row_w;
+  acc_t* col_w;
+  int* row_i;
+  int* col_i;
+  int* counts;  // [0] = rows, [1] = columns
+  acc_t* scratch;  // 33 values for block reductions
+};
+
+template <typename acc_t>
+__device__ Support<acc_t> carve(unsigned char* raw, int H, int W) {
+  Support<acc_t> s;
+  s.row_w = reinterpret_cast<acc_t*>(raw);
+  s.col_w = s.row_w + H;
+  s.scratch = s.col_w + W;
+  s.row_i = reinterpret_cast<int*>(s.scratch + 33);
+  s.col_i = s.row_i + H;
+  s.counts = s.col_i + W;
+  return s;
+}
+
+// Bytes of the Support arrays, rounded up to acc_size so that a per-block tile can follow them.
+__host__ __device__ inline int64_t support_smem_bytes(int64_t H, int64_t W, int64_t acc_size) {
+  const int64_t n = (H + W + 33) * acc_size + (H + W + 2) * static_cast<int64_t>(sizeof(int));
+  return (n + acc_size - 1) / acc_size * acc_size;
+}
+
+// Per-axis weight of every pixel summed over the roi's S bins and their samples, compacted to
+// the non-zero pixels (in increasing order, so the work is deterministic).
+template <typename acc_t>
+__device__ void build_support(const Geom<acc_t>& g, int S, int H, int W, Support<acc_t> s) {
+  for (int i = threadIdx.x; i < H + W; i += blockDim.x) {
+    const bool is_row = i < H;
+    const int pix = is_row ? i : i - H;
+    const int size = is_row ? H : W, grid = is_row ? g.grid_h : g.grid_w;
+    const acc_t start = is_row ? g.start_h : g.start_w, bin = is_row ? g.bin_h : g.bin_w;
+    acc_t w = acc_t(0);
+    for (int p = 0; p < S; ++p) {
+      for (int q = 0; q < grid; ++q) {
+        int lo, hi;
+        acc_t wlo, whi;
+        if (!axis_taps(sample_pos(start, bin, p, q, grid), size, lo, hi, wlo, whi)) continue;
+        if (lo == pix) w += wlo;
+        if (hi == pix) w += whi;
+      }
+    }
+    (is_row ? s.row_w[pix] : s.col_w[pix]) = w;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int i = 0; i < H; ++i) {
+      if (s.row_w[i] != acc_t(0)) {
+        s.row_w[n] = s.row_w[i];
+        s.row_i[n++] = i;
+      }
+    }
+    s.counts[0] = n;
+  }
+  // Columns are compacted by a thread of the second warp (the first one when there is none).
+  if (threadIdx.x == (blockDim.x > 32 ? 32 : 0)) {
+    int n = 0;
+    for (int j = 0; j < W; ++j) {
+      if (s.col_w[j] != acc_t(0)) {
+        s.col_w[n] = s.col_w[j];
+        s.col_i[n++] = j;
+      }
+    }
+    s.counts[1] = n;
+  }
+  __syncthreads();
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void roi_pool_fuse_fwd_kernel(const scalar_t* __restrict__ feat, const acc_t* __restrict__ rois,
+                                         const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
+                                         const acc_t* __restrict__ bias, scalar_t* __restrict__ z,
+                                         acc_t* r, acc_t* __restrict__ a_out, acc_t scale, int C, int H,
+                                         int W, int S, int sampling_ratio, bool aligned,
+                                         bool channels_last) {
+  extern __shared__ unsigned char smem_raw[];
+  const Support<acc_t> sp = carve<acc_t>(smem_raw, H, W);
+  const int64_t k = blockIdx.x;
+  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned);
+  build_support(g, S, H, W, sp);
+  const int nr = sp.counts[0], nc = sp.counts[1];
+  const acc_t inv_norm = acc_t(1) / (g.count * static_cast<acc_t>(S * S));
+  const int64_t HW = static_cast<int64_t>(H) * W;
+  const scalar_t* fb = feat + g.batch * HW * C;
+  const acc_t* gk = glob + g.batch * C;
+  acc_t* rk = r + k * C;
+  acc_t partial = acc_t(0);
+  if (channels_last) {
+    // Thread per channel: a warp reads 32 consecutive channels of each support pixel.
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+      acc_t sum = acc_t(0);
+      for (int ia = 0; ia < nr; ++ia) {
+        const scalar_t* row = fb + (static_cast<int64_t>(sp.row_i[ia]) * W) * C + c;
+        acc_t rs = acc_t(0);
+#pragma unroll 4
+        for (int jb = 0; jb < nc; ++jb) {
+          rs += sp.col_w[jb] * static_cast<acc_t>(row[static_cast<int64_t>(sp.col_i[jb]) * C]);
+        }
+        sum += sp.row_w[ia] * rs;
+      }
+      const acc_t rv = sum * inv_norm;
+      rk[c] = rv;
+      partial += wgt[c] * rv + wgt[C + c] * gk[c];
+    }
+  } else {
+    // Warp per channel: lanes walk the support pixels of one channel plane.
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    const int npix = nr * nc;
+    for (int c = warp; c < C; c += nwarps) {
+      const scalar_t* plane = fb + c * HW;
+      acc_t sum = acc_t(0);
+      for (int p = lane; p < npix; p += 32) {
+        const int ia = p / nc, jb = p % nc;
+        sum += sp.row_w[ia] * sp.col_w[jb] * static_cast<acc_t>(plane[sp.row_i[ia] * W + sp.col_i[jb]]);
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const acc_t rv = sum * inv_norm;
+        rk[c] = rv;
+        partial += wgt[c] * rv + wgt[C + c] * gk[c];
+      }
+    }
+  }
+  // block_sum's barriers also make this block's writes of r_k visible to all its threads.
+  const acc_t logit = block_sum(partial, sp.scratch) + bias[0];
+  const acc_t a = acc_t(1) / (acc_t(1) + exp(-logit));
+  if (threadIdx.x == 0) a_out[k] = a;
+  scalar_t* zk = z + k * C;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    zk[c] = static_cast<scalar_t>(a * rk[c] + (acc_t(1) - a) * gk[c]);  // rk: plain load, written above
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void roi_pool_fuse_bwd_kernel(const scalar_t* __restrict__ gz, const acc_t* __restrict__ rois,
+                                         const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
+                                         const acc_t* __restrict__ r, const acc_t* __restrict__ a_in,
+                                         acc_t* __restrict__ gfeat, acc_t* __restrict__ gglob,
+                                         acc_t* __restrict__ gw, acc_t* __restrict__ gbias, acc_t scale,
+                                         int C, int H, int W, int S, int sampling_ratio, bool aligned,
+                                         bool channels_last, int chunk) {
+  extern __shared__ unsigned char smem_raw[];
+  const Support<acc_t> sp = carve<acc_t>(smem_raw, H, W);
+  acc_t* dr_tile = reinterpret_cast<acc_t*>(smem_raw + support_smem_bytes(H, W, sizeof(acc_t)));  // [chunk]
+  const int64_t k = blockIdx.x;
+  const int c0 = blockIdx.y * chunk;
+  const int ct = min(chunk, C - c0);
+  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned);
+  build_support(g, S, H, W, sp);
+  const acc_t* rk = r + k * C;
+  const scalar_t* gzk = gz + k * C;
+  const acc_t* gk = glob + g.batch * C;
+  const acc_t a = a_in[k];
+  // dL/da needs every channel; each chunk's block recomputes it (3 reads of C values).
+  acc_t da = acc_t(0);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) da += static_cast<acc_t>(gzk[c]) * (rk[c] - gk[c]);
+  da = block_sum(da, sp.scratch);
+  const acc_t ds = da * a * (acc_t(1) - a);
+  const acc_t inv_norm = acc_t(1) / (g.count * static_cast<acc_t>(S * S));
+  for (int t = threadIdx.x; t < ct; t += blockDim.x) {
+    const int c = c0 + t;
+    const acc_t gzc = static_cast<acc_t>(gzk[c]);
+    atomicAdd(gglob + g.batch * C + c, (acc_t(1) - a) * gzc + ds * wgt[C + c]);
+    atomicAdd(gw + c, ds * rk[c]);
+    atomicAdd(gw + C + c, ds * gk[c]);
+    dr_tile[t] = (a * gzc + ds * wgt[c]) * inv_norm;
+  }
+  if (blockIdx.y == 0 && threadIdx.x == 0) atomicAdd(gbias, ds);
+  __syncthreads();
+  const int nr = sp.counts[0], nc = sp.counts[1];
+  const int npix = nr * nc;
+  const int64_t HW = static_cast<int64_t>(H) * W;
+  acc_t* fb = gfeat + g.batch * HW * C;
+  // One atomicAdd per (support pixel, channel); consecutive threads take consecutive channels
+  // (channels_last) or consecutive pixels of one plane (NCHW).
+  for (int64_t t = threadIdx.x; t < static_cast<int64_t>(ct) * npix; t += blockDim.x) {
+    const int cl = channels_last ? static_cast<int>(t % ct) : static_cast<int>(t / npix);
+    const int p = channels_last ? static_cast<int>(t / ct) : static_cast<int>(t % npix);
+    const int ia = p / nc, jb = p % nc;
+    const int64_t pix = static_cast<int64_t>(sp.row_i[ia]) * W + sp.col_i[jb];
+    const int64_t c = c0 + cl;
+    const int64_t off = channels_last ? pix * C + c : c * HW + pix;
+    atomicAdd(fb + off, dr_tile[cl] * sp.row_w[ia] * sp.col_w[jb]);
+  }
+}
+
+// ------------------------------------------------------------------------------ launch geometry
+// (shared by the host wrappers and the CPU emulation harness)
+
+// Channels per roi_align block: its [chunk, bins] tile must fit in shared memory; 0 if even
+// one channel does not fit.
+inline int64_t align_chunk(int64_t C, int64_t NB, int64_t acc_size) {
+  const int64_t by_smem = kSmemLimit / (NB * acc_size);
+  if (by_smem < 1) return 0;
+  int64_t c = C < 64 ? C : 64;
+  c = c < by_smem ? c : by_smem;
+  return c > 1 ? c : 1;
+}
+
+// Fused forward: thread per channel with channels_last (up to 1024), else warps over channels.
+inline int fuse_fwd_threads(int64_t C, bool channels_last) {
+  if (!channels_last) return kThreads;
+  const int64_t t = (C + 31) / 32 * 32;
+  return static_cast<int>(t < 64 ? 64 : (t > 1024 ? 1024 : t));
+}
+
+inline int64_t fuse_bwd_chunk(int64_t C) { return C < 256 ? (C > 1 ? C : 1) : 256; }
+
+inline int64_t fuse_bwd_smem(int64_t H, int64_t W, int64_t chunk, int64_t acc_size) {
+  return support_smem_bytes(H, W, acc_size) + chunk * acc_size;  // + the dr tile
+}
+
+}  // namespace regionmed::roi_cuda
