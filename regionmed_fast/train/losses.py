@@ -31,13 +31,18 @@ def text_group_ids(texts: Sequence[str], device: torch.device | str = "cpu") -> 
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _loss_fn():
-    """The fused op when it has landed, else the private full-logits fallback (same math)."""
-    try:
-        from regionmed_fast.ops.loss import chunked_clip_loss
-    except ImportError:
-        from regionmed_fast.train._loss_fallback import chunked_clip_loss
-    return chunked_clip_loss
+_EMB_KEYS = ("image_global", "image_fused", "region", "text", "region_text")
+
+
+def nonfinite_outputs(out: dict) -> list[str]:
+    """Names of the model outputs holding NaN/Inf (one reduction, one host sync when clean)."""
+    present = [k for k in _EMB_KEYS if isinstance(out.get(k), torch.Tensor) and out[k].numel()]
+    if not present:
+        return []
+    probe = torch.stack([out[k].detach().float().sum() for k in present])
+    if bool(torch.isfinite(probe).all()):
+        return []
+    return [k for k in present if not bool(torch.isfinite(out[k]).all())]
 
 
 def compute_losses(out: dict, batch: dict, stage: Stage, *, backend: str = "auto",
@@ -45,17 +50,18 @@ def compute_losses(out: dict, batch: dict, stage: Stage, *, backend: str = "auto
     """Weighted sum of the stage's losses over the (global, when ``group`` is given) batch.
 
     ``out`` is ``RegionMedCLIP.forward(batch)``'s dict. Returns ``(total, parts)`` where ``parts``
-    maps each loss name to its unweighted scalar. A stage asking for region losses of a model
+    maps each loss name to its unweighted scalar. With a ``group``, each rank passes its shard
+    and gets the global-batch loss, whose gradient reaches only its own shard (so under DDP,
+    which averages gradients over ranks, the trainer scales the backward by the world size). A stage asking for region losses of a model
     without an ROI processor is an error; a batch with no regions anywhere gives a region loss of
     zero that still touches the region parameters (so DDP sees the same graph on every rank).
     """
-    loss_fn = _loss_fn()
+    from regionmed_fast.ops.loss import chunked_clip_loss as loss_fn
+
     scale = out["logit_scale"]
     bias = out.get("logit_bias")
     beta = float(stage.hard_negative_beta)
-    kw = {"hard_negative_beta": beta, "chunk_size": chunk_size, "group": group}
-    if backend != "auto":
-        kw["backend"] = backend
+    kw = {"hard_negative_beta": beta, "chunk_size": chunk_size, "group": group, "backend": backend}
     device = out["text"].device
     txt_ids = text_group_ids(batch["texts"], device)
     parts: dict[str, torch.Tensor] = {}

@@ -3,6 +3,7 @@
 A run file holds run-wide options and a list of stages::
 
     model: regionmed-tiny          # any name create_model_and_transforms accepts
+    model_args: {text: tiny}       # its overrides (vision/text/roi dicts, image_size, use_roi...)
     batch_size: 32                 # GLOBAL micro-batch (split over DDP ranks)
     grad_accum: 1                  # micro-batches per optimizer step
     seed: 0
@@ -65,6 +66,7 @@ class RunConfig:
 
     stages: list[Stage]
     model: str = "regionmed-tiny"
+    model_args: dict = field(default_factory=dict)  # overrides for create_model_and_transforms
     image_size: int = 64
     batch_size: int = 32
     grad_accum: int = 1
@@ -207,6 +209,8 @@ def validate_run(cfg: RunConfig, source: str = "<config>") -> None:
         raise StageFileError(f"{source}: baseline must be 'global' or absent, got {cfg.baseline!r}")
     if not isinstance(cfg.model, str) or not cfg.model:
         raise StageFileError(f"{source}: model must be a model name string")
+    if not isinstance(cfg.model_args, dict):
+        raise StageFileError(f"{source}: model_args must be a mapping of model overrides")
 
 
 def load_run(path: str | os.PathLike) -> RunConfig:

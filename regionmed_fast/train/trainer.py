@@ -23,7 +23,7 @@ import torch
 
 from regionmed_fast.train import checkpoint as ckpt_mod
 from regionmed_fast.train.data import SampleReader, StageStream, read_records
-from regionmed_fast.train.losses import compute_losses
+from regionmed_fast.train.losses import compute_losses, nonfinite_outputs
 from regionmed_fast.train.stages import RunConfig, Stage
 
 _MODEL_KEYS = ("images", "boxes", "box_counts", "text_ids", "text_mask", "region_text_ids",
@@ -68,10 +68,12 @@ def build_model(cfg: RunConfig):
     """``(model, tokenizer)`` of ``cfg.model``; the global-only baseline has its ROI processor off."""
     from regionmed_fast.model import create_model_and_transforms, get_tokenizer
 
-    kwargs = {"use_roi": False} if cfg.baseline == "global" else {}
-    made = create_model_and_transforms(cfg.model, **kwargs)
-    model = made[0] if isinstance(made, tuple) else made
-    return model, get_tokenizer(cfg.model)
+    kwargs = dict(cfg.model_args)
+    if cfg.baseline == "global":
+        kwargs["use_roi"] = False
+    model = create_model_and_transforms(cfg.model, **kwargs)[0]
+    text = model.config.text
+    return model, get_tokenizer(text.name, text.context_length)
 
 
 class _Dist:
@@ -166,6 +168,8 @@ class Trainer:
         self.cache_images = cache_images
         self._readers: dict[int, SampleReader] = {}
         self.optimizer = self._make_optimizer()
+        self._loss_shared = [p for n, p in self.model.named_parameters()
+                             if n in ("logit_scale", "logit_bias")]
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.history: list[dict] = []
@@ -367,22 +371,34 @@ class Trainer:
                     with torch.autocast(self.dist.device.type, dtype=self.amp_dtype or torch.float32,
                                         enabled=self.amp_dtype is not None):
                         out = net(self._inputs(batch, with_regions))
-                    loss, parts = compute_losses(out, batch, stage, backend=cfg.backend,
-                                                 chunk_size=cfg.loss_chunk_size, group=self.dist.group)
-                    value = float(loss.detach())
+                    bad = nonfinite_outputs(out)
+                    if not bad:
+                        loss, parts = compute_losses(out, batch, stage, backend=cfg.backend,
+                                                     chunk_size=cfg.loss_chunk_size, group=self.dist.group)
+                        value = float(loss.detach())
+                    else:
+                        loss, parts, value = None, {}, float("nan")
                     if self.dist.any_flag(not math.isfinite(value)):
                         epoch, b = divmod(j, stream.batches_per_epoch)
+                        what = (f"model outputs {bad} hold NaN/Inf" if bad else
+                                f"loss is {value} (parts { {k: float(v) for k, v in parts.items()} })")
                         raise NonFiniteLossError(
-                            f"loss is {value} at stage {si + 1} {stage.name!r} step {step + 1} of "
-                            f"{total} (global step {self.global_step + 1}), micro-batch {m} = "
-                            f"epoch {epoch} batch {b}; parts "
-                            f"{ {k: float(v) for k, v in parts.items()} }; sample indices "
-                            f"{batch.get('indices')} images "
+                            f"{what} at stage {si + 1} {stage.name!r} step {step + 1} of {total} "
+                            f"(global step {self.global_step + 1}), micro-batch {m} = epoch {epoch} "
+                            f"batch {b}; sample indices {batch.get('indices')} images "
                             f"{[self.records[i]['image'] for i in batch.get('indices', [])][:8]}")
-                    self.scaler.scale(loss / ga).backward()
+                    # the loss op gives each rank the gradient of the global loss for its own
+                    # shard; DDP then averages over ranks, hence the factor world / grad_accum
+                    self.scaler.scale(loss * (self.dist.world / ga)).backward()
                 loss_sum += value / ga
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / ga
+            if self.dist.world > 1:
+                # logit_scale / logit_bias are inputs the loss op shares across ranks: it gives
+                # every rank their FULL gradient, which the world-size factor above overcounts
+                for p in self._loss_shared:
+                    if p.grad is not None:
+                        p.grad.div_(self.dist.world)
             if cfg.max_grad_norm > 0:
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
