@@ -241,8 +241,10 @@ def _check_emb(x, name: str) -> None:
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
-    bad = ~torch.isfinite(x)
-    if bool(bad.any()):
+    # one reduction pass (NaN propagates through min/max); the mask only on failure
+    lo, hi = torch.aminmax(x)
+    if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        bad = ~torch.isfinite(x)
         where = bad.nonzero()[0].tolist()
         raise ValueError(f"{_OP}: {name} has {int(bad.sum())} NaN/Inf values (first at index {where})")
 
