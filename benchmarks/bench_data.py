@@ -124,6 +124,29 @@ def epoch_fn(loader, device: str = "cpu"):
     return run
 
 
+def other_decode_fn(records: list[dict], which: str):
+    """Decode alone with the alternatives: Pillow, torchvision.io.decode_jpeg (CPU)."""
+    import io
+
+    from PIL import Image
+
+    datas = [open(r["image_path"], "rb").read() for r in records]
+    if which == "pil":
+        def run():
+            for d in datas:
+                with Image.open(io.BytesIO(d)) as im:
+                    im.convert("RGB").load()
+        return run
+    from torchvision.io import decode_jpeg
+
+    tens = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+
+    def run_tv():
+        for t in tens:
+            decode_jpeg(t)
+    return run_tv
+
+
 def decode_fn(records: list[dict], reduced: bool):
     """Decode alone. ``reduced``: at the largest power-of-two reduction that still leaves the
     whole image >= 224 px (what evaluation, which resizes the whole image, can use)."""
@@ -220,9 +243,13 @@ def main() -> None:
         except ImportError:
             pass
         sub = records[: counts[name]]
-        cases.append(runner.Case("decode alone (simplejpeg, 1 proc)", decode_fn(sub, False), group))
-        cases.append(runner.Case("1/2-size decode alone (1 proc)", decode_fn(sub, True), group))
+        dgroup = f"{group} decode-only"  # the limit: not the same output, so no speedup ratio
+        cases.append(runner.Case("decode alone (simplejpeg, 1 proc)", decode_fn(sub, False), dgroup))
+        cases.append(runner.Case("1/2-size decode alone (1 proc)", decode_fn(sub, True), dgroup))
+        cases.append(runner.Case("PIL decode alone (1 proc)", other_decode_fn(sub, "pil"), dgroup))
+        cases.append(runner.Case("tv.io.decode_jpeg alone (1 proc)", other_decode_fn(sub, "tv"), dgroup))
         baselines[group] = f"torchvision/PIL DataLoader w{w}"
+    torch.set_num_threads(1)  # decode-alone rows are one core; workers set 1 thread themselves
     results = runner.run_cases(cases, warmup=1, repeats=repeats, baselines=baselines, memory=False)
     lines = ["", "| group | case | images/s |", "| --- | --- | ---: |"]
     for r in results:
