@@ -358,3 +358,26 @@ def test_synthetic_end_to_end_grounding_vqa(tmp_path):
     assert res["grounding"]["pointing_game"]["n_queries"] > 0
     with pytest.raises(ValueError, match="tasks"):
         evaluate(FakeModel(tok), tmp_path / "syn", tasks="retrieval,bogus", tokenizer=tok, image_size=32)
+
+
+def test_cli_on_saved_real_model(tmp_path, capsys):
+    model_pkg = pytest.importorskip("regionmed_fast.model")
+    synthetic = pytest.importorskip("regionmed_fast.data.synthetic")
+    from regionmed_fast.eval.cli import eval_main
+
+    synthetic.write_dataset(tmp_path / "syn", n=12, size=32, seed=1, split_fraction=0.5)
+    m = model_pkg.create_model_and_transforms(
+        "regionmed-tiny", text="tiny", image_size=32, embed_dim=16, roi={"heads": 1},
+        vision={"patch_size": 8, "width": 32, "depth": 1, "heads": 1})[0]
+    m.save_pretrained(tmp_path / "run" / "model")
+    rep = tmp_path / "rep"
+    rc = eval_main(["--model", str(tmp_path / "run"), "--data", str(tmp_path / "syn"),
+                    "--tasks", "retrieval,zeroshot,grounding", "--report", str(rep)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "image_to_text" in printed and "region_aware" in printed
+    saved = json.loads((rep / "results.json").read_text())
+    assert saved["image_size"] == 32 and saved["region_aware"] is True
+    assert all((rep / f).is_file() for f in saved["report_files"])
+    assert eval_main(["--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "syn")]) == 2
+    assert "no such file" in capsys.readouterr().err

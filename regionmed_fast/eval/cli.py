@@ -30,7 +30,10 @@ def _fmt(res: dict) -> str:
         lines.append(f"  pointing game {100 * g['pointing_game']['hit_rate']:5.1f} (centre {100 * g['pointing_game']['centre_baseline']:.1f})")
     v = res.get("vqa", {})
     if v.get("accuracy") is not None:
-        lines.append(f"  VQA acc {100 * v['accuracy']:5.1f}  closed {v['closed_accuracy']}  open {v['open_accuracy']}  [{v['qa_source']}]")
+        pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+        lines.append(f"  VQA acc {pct(v['accuracy'])}  closed {pct(v['closed_accuracy'])}  "
+                     f"open {pct(v['open_accuracy'])}  (question prior {pct(v['prior_baseline']['accuracy'])})  "
+                     f"[{v['qa_source']}]")
     if res.get("report_files"):
         lines.append(f"report: {', '.join(res['report_files'])}")
     return "\n".join(lines)

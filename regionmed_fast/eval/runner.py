@@ -38,35 +38,56 @@ def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     return max(cands, key=lambda c: (c / "config.json").stat().st_mtime)
 
 
+def run_image_size(path: str | pathlib.Path) -> int | None:
+    """Image size of the last stage of the training run that wrote ``path`` (a run folder or its
+    ``model/`` folder), read from ``checkpoints/last.pt``; None when there is no such run."""
+    p = pathlib.Path(path)
+    for run in (p, p.parent):
+        ck = run / "checkpoints" / "last.pt"
+        if ck.is_file():
+            try:
+                from regionmed_fast.train.checkpoint import load
+
+                cfg = load(str(ck)).get("config", {})
+            except Exception as e:  # an unreadable checkpoint only costs us the hint
+                log.warning("%s: cannot read the run config (%s); using the model's image size", ck, e)
+                return None
+            stages = cfg.get("stages") or [{}]
+            return int(stages[-1].get("image_size") or cfg.get("image_size"))
+    return None
+
+
 def load_model(path: str | pathlib.Path):
-    """A RegionMedCLIP from a save_pretrained folder or a training run folder."""
+    """A RegionMedCLIP from a save_pretrained folder or a training run folder. When the folder
+    belongs to a training run, ``model.eval_image_size`` is the run's last-stage image size."""
     from regionmed_fast.model import RegionMedCLIP  # imported late: the model package is optional here
 
-    return RegionMedCLIP.from_pretrained(str(find_checkpoint(path)))
+    folder = find_checkpoint(path)
+    model = RegionMedCLIP.from_pretrained(str(folder))
+    size = run_image_size(path) or run_image_size(folder)
+    if size:
+        model.eval_image_size = size
+    return model
 
 
 def model_tokenizer(model) -> Tokenizer:
-    """The tokenizer that goes with ``model`` (its ``tokenizer`` attribute, else by config)."""
-    tok = getattr(model, "tokenizer", None)
-    if callable(tok):
-        return tok
-    from regionmed_fast.model import get_tokenizer
-
-    cfg = getattr(model, "config", None)
-    for attr in ("text_model", "text_name", "text_encoder", "name"):
-        name = getattr(cfg, attr, None)
-        if isinstance(name, str):
-            try:
-                return get_tokenizer(name)
-            except (ValueError, KeyError, OSError):
-                continue
+    """The tokenizer that goes with ``model``: its ``tokenize`` method or ``tokenizer`` attribute."""
+    for attr in ("tokenize", "tokenizer"):
+        tok = getattr(model, attr, None)
+        if callable(tok):
+            return tok
     raise ValueError("cannot tell which tokenizer goes with the model; pass tokenizer=")
 
 
 def model_image_size(model) -> int:
+    """The size to evaluate at: ``model.eval_image_size`` (set from a run), else the vision
+    config's ``image_size``."""
+    v = getattr(model, "eval_image_size", None)
+    if isinstance(v, int):
+        return v
     cfg = getattr(model, "config", None)
-    for attr in ("image_size", "img_size"):
-        v = getattr(cfg, attr, None)
+    for c in (getattr(cfg, "vision", None), cfg):
+        v = getattr(c, "image_size", None)
         if isinstance(v, int):
             return v
         if isinstance(v, (tuple, list)) and v:

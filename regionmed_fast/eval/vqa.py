@@ -101,7 +101,7 @@ def generate_qa(records: Sequence[dict], seed: int = 0) -> list[dict]:
 
 
 class _Head(torch.nn.Module):
-    def __init__(self, d: int, n_answers: int, hidden: int = 256):
+    def __init__(self, d: int, n_answers: int, hidden: int = 128):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(3 * d, hidden), torch.nn.GELU(),
                                        torch.nn.Dropout(0.1), torch.nn.Linear(hidden, n_answers))
@@ -116,7 +116,7 @@ def _acc(pred: list[str], gold: list[str], mask: list[bool]) -> float | None:
 
 
 def evaluate_vqa(train_qa: Sequence[dict], test_qa: Sequence[dict], image_emb: dict[str, torch.Tensor],
-                 model, tokenizer: Tokenizer, *, epochs: int = 300, lr: float = 1e-3, seed: int = 0,
+                 model, tokenizer: Tokenizer, *, epochs: int = 150, lr: float = 3e-3, seed: int = 0,
                  qa_source: str = "qa.jsonl") -> dict:
     """Train the head on ``train_qa`` and score ``test_qa``.
 
@@ -171,7 +171,7 @@ def evaluate_vqa(train_qa: Sequence[dict], test_qa: Sequence[dict], image_emb: d
     allm = [True] * len(gold)
     return {
         "qa_source": qa_source,
-        "protocol": (f"frozen encoders; MLP head on [img, q, img*q] trained on {len(train_qa)} train QA pairs "
+        "protocol": (f"frozen encoders; MLP head (hidden {head.net[0].out_features}) on [img, q, img*q] trained on {len(train_qa)} train QA pairs "
                      f"({epochs} full-batch AdamW epochs, lr {lr}, seed {seed}); answer classification over "
                      f"{len(answers)} training answers; closed = yes/no answers"),
         "n_train": len(train_qa), "n_test": len(test_qa), "n_answers": len(answers),
