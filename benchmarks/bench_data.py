@@ -166,7 +166,7 @@ def tv_cuda_fn(records: list[dict], device: str):
     """torchvision.io.decode_jpeg(device="cuda") on a batch of bytes, then crop + resize + flip +
     normalise on the GPU (same host-drawn geometry and box code as ours)."""
     import torch.nn.functional as F
-    from torchvision.io import decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     from regionmed_fast.data.sample import geometry, target_boxes
 
@@ -182,7 +182,7 @@ def tv_cuda_fn(records: list[dict], device: str):
         n = 0
         for s in range(0, len(records) - BATCH + 1, BATCH):
             idx = list(range(s, s + BATCH))
-            imgs = decode_jpeg([datas[i] for i in idx], device=device)
+            imgs = decode_jpeg([datas[i] for i in idx], mode=ImageReadMode.RGB, device=device)
             outs = []
             for i, im in zip(idx, imgs):
                 p = geometry(records[i], SIZE, True, 0, ep, i)
@@ -192,7 +192,8 @@ def tv_cuda_fn(records: list[dict], device: str):
                 outs.append(o.flip(-1) if p.flip else o)
             batch = (torch.cat(outs) - mean) / std
             n += batch.shape[0]
-        torch.cuda.synchronize()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
         return n
     return run
 
