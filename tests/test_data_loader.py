@@ -77,6 +77,19 @@ def test_flip_off_and_scale(tmp_path):
         make_loader(root, image_size=32, batch_size=8, train=True, flip_p=2.0)
 
 
+def test_split_filter(tmp_path):
+    root = str(tmp_path / "ds")
+    good_dataset(root, n=4)
+    recs = [json.loads(x) for x in open(os.path.join(root, "annotations.jsonl"))]
+    recs[1]["split"] = recs[3]["split"] = "test"
+    write_dataset(root, recs)
+    kw = dict(image_size=16, batch_size=4, train=False, num_workers=0)
+    assert [t for b in make_loader(root, split="test", **kw) for t in b["texts"]] == ["image number 1", "image number 3"]
+    assert len(list(make_loader(root, split="train", **kw))[0]["texts"]) == 2
+    with pytest.raises(ValueError, match="split='val'"):
+        make_loader(root, split="val", **kw)
+
+
 def test_workers_give_the_same_batches(tmp_path):
     root = good_dataset(str(tmp_path / "ds"), n=8)
     kw = dict(image_size=32, batch_size=4, train=True, seed=2)

@@ -170,7 +170,7 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
                 seed: int = 0, skip_bad: bool = False, shuffle: bool | None = None,
                 drop_last: bool | None = None, distributed: bool | None = None,
                 decoder: str = "auto", device: str | None = None, flip_p: float = 0.5,
-                scale: tuple[float, float] = TRAIN_SCALE) -> Loader:
+                scale: tuple[float, float] = TRAIN_SCALE, split: str | None = None) -> Loader:
     """Batches of a dataset folder (``annotations.jsonl`` + images) or of WebDataset shards
     (a folder holding ``shards.json`` written by ``regionmed-fast shard``, or one .tar file).
 
@@ -184,6 +184,8 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
     initialised. ``device``: where images are delivered (DALI: default the current GPU;
     CPU path: default the CPU, or e.g. "cuda" to copy uint8 and normalise there).
     ``flip_p`` / ``scale``: training flip probability and crop-area range (see transforms).
+    ``split``: keep only records whose ``split`` field equals it (no field counts as "train";
+    folders only).
     """
     if not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
@@ -210,8 +212,11 @@ def make_loader(root_or_shards: str, *, image_size: int, batch_size: int, train:
                                  device=None if device in (None, "cpu") else device)
     report = ManifestReport()
     records = read_manifest(root, skip_bad=skip_bad, report=report)
+    if split is not None:
+        records = [r for r in records if r.get("split", "train") == split]
     if not records:
-        raise ValueError(f"{root}: no usable records ({report.skipped} skipped of {report.lines})")
+        raise ValueError(f"{root}: no usable records ({report.skipped} skipped of {report.lines}"
+                         + (f", split={split!r}" if split is not None else "") + ")")
     if backend == "dali":
         from .dali import make_dali_loader
 
