@@ -381,3 +381,33 @@ def test_cli_on_saved_real_model(tmp_path, capsys):
     assert all((rep / f).is_file() for f in saved["report_files"])
     assert eval_main(["--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "syn")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def _real_data_script():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "real_data_eval.py"
+    spec = importlib.util.spec_from_file_location("real_data_eval", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_data_split_keeps_patients_apart(shared_data, tmp_path):
+    mod = _real_data_script()
+    info = mod.prepare(shared_data / "covid_chestxray", tmp_path / "covid", "patient_id", None, 0.3)
+    recs = E.read_records(tmp_path / "covid")
+    side = {}
+    for r in recs:
+        side.setdefault(r["patient_id"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in side.values())
+    assert info["val"] == sum(r["split"] == "test" for r in recs) and 0.15 < info["val"] / info["images"] < 0.45
+    # the eval reader sees the same split the trainer will (records carry "split")
+    assert len(E.split_records(recs, "val")) == info["val"]
+    info = mod.prepare(shared_data / "ph2_dermoscopy", tmp_path / "ph2", "image", "clinical_diagnosis", 0.3)
+    recs = E.read_records(tmp_path / "ph2")
+    for dx in ("common nevus", "atypical nevus", "melanoma"):
+        n = sum(r["clinical_diagnosis"] == dx for r in recs)
+        v = sum(r["clinical_diagnosis"] == dx and r["split"] == "test" for r in recs)
+        assert v == round(0.3 * n)
