@@ -182,15 +182,17 @@ def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampl
         j = j0 + jj
         ax = _axis_weights(start_w, bin_w, grid_w, pw_f[:, None], j[None, :], wf)      # [PW, J]
         ax = tl.where((pw < PW)[:, None], ax, 0.0)
-        jmask = (j <= c1) & (tl.sum(ax, axis=0) > 0.0)
+        colw = tl.sum(ax, axis=0)                                             # [J]
+        jmask = (j <= c1) & (colw > 0.0)
         for i in range(r0, r1 + 1):
             ay = _axis_weights(start_h, bin_h, grid_h, ph_f, i, hf)           # [PH]
             ay = tl.where(ph < PH, ay, 0.0)
-            if tl.sum(ay, axis=0) > 0.0:
-                ptrs = feat_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
-                f = tl.load(ptrs, mask=cmask[:, None] & jmask[None, :], other=0.0).to(ACC)
-                t = tl.sum(f[:, None, :] * ax[None, :, :], axis=2)             # [C, PW]
-                acc += t[:, None, :] * ay[None, :, None]
+            # A zero-weight row is masked rather than branched over: straight-line loop body.
+            live = jmask & ((colw * tl.sum(ay, axis=0)) > 0.0)
+            ptrs = feat_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+            f = tl.load(ptrs, mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
+            t = tl.sum(f[:, None, :] * ax[None, :, :], axis=2)                 # [C, PW]
+            acc += t[:, None, :] * ay[None, :, None]
     acc = acc / count
     out_base = out_ptr + k.to(tl.int64) * C * PH * PW
     optrs = out_base + cc[:, None, None] * (PH * PW) + ph[None, :, None] * PW + pw[None, None, :]
@@ -235,15 +237,16 @@ def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sam
         j = j0 + jj
         ax = _axis_weights(start_w, bin_w, grid_w, pw_f[:, None], j[None, :], wf)      # [PW, J]
         ax = tl.where((pw < PW)[:, None], ax, 0.0)
-        jmask = (j <= c1) & (tl.sum(ax, axis=0) > 0.0)
+        colw = tl.sum(ax, axis=0)                                             # [J]
+        jmask = (j <= c1) & (colw > 0.0)
         for i in range(r0, r1 + 1):
             ay = _axis_weights(start_h, bin_h, grid_h, ph_f, i, hf)           # [PH]
             ay = tl.where(ph < PH, ay, 0.0)
-            if tl.sum(ay, axis=0) > 0.0:
-                u = tl.sum(g * ay[None, :, None], axis=1)                      # [C, PW]
-                d = tl.sum(u[:, :, None] * ax[None, :, :], axis=1)             # [C, J]
-                ptrs = gf_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
-                tl.atomic_add(ptrs, d, mask=cmask[:, None] & jmask[None, :], sem="relaxed")
+            live = jmask & ((colw * tl.sum(ay, axis=0)) > 0.0)
+            u = tl.sum(g * ay[None, :, None], axis=1)                          # [C, PW]
+            d = tl.sum(u[:, :, None] * ax[None, :, :], axis=1)                 # [C, J]
+            ptrs = gf_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+            tl.atomic_add(ptrs, d, mask=cmask[:, None] & live[None, :], sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- roi_pool_fuse
@@ -270,10 +273,10 @@ def _region_sum(feat_b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, cc, cmas
         for i in range(r0, r1 + 1):
             ay = _axis_weights(start_h, bin_h, grid_h, sb_f, i, hf)
             wy = tl.sum(tl.where(sb < S, ay, 0.0), axis=0)
-            if wy > 0.0:
-                ptrs = feat_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
-                f = tl.load(ptrs, mask=cmask[:, None] & jmask[None, :], other=0.0).to(ACC)
-                acc += f * (wy * wx)[None, :]
+            ptrs = feat_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+            live = jmask & ((wx * wy) > 0.0)
+            f = tl.load(ptrs, mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
+            acc += f * (wy * wx)[None, :]
     return tl.sum(acc, axis=1)
 
 
@@ -383,10 +386,10 @@ def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
         for i in range(r0, r1 + 1):
             ay = _axis_weights(start_h, bin_h, grid_h, sb_f, i, hf)
             wy = tl.sum(tl.where(sb < S, ay, 0.0), axis=0)
-            if wy > 0.0:
-                ptrs = gf_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
-                tl.atomic_add(ptrs, dr[:, None] * (wy * wx)[None, :],
-                              mask=cmask[:, None] & jmask[None, :], sem="relaxed")
+            ptrs = gf_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+            live = jmask & ((wx * wy) > 0.0)
+            tl.atomic_add(ptrs, dr[:, None] * (wy * wx)[None, :],
+                          mask=cmask[:, None] & live[None, :], sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- launchers
