@@ -67,7 +67,13 @@ def _compute_status(backend: str, device: torch.device) -> str:
     if reason:
         return reason
     if backend in ("cpu", "cuda"):
-        return _compiled_status()
+        reason = _compiled_status()
+        if reason:
+            return reason
+        key = "CPU" if backend == "cpu" else "CUDA"
+        missing = [n for n in KERNEL_NAMES
+                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"regionmed_fast_C::{n}", key)]
+        return f"regionmed_fast._C has no {key} kernel for {missing}" if missing else ""
     if backend == "triton":
         return _triton_module_status()
     return ""
