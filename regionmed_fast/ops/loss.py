@@ -108,11 +108,13 @@ def _shifts(stats: torch.Tensor, log_d: torch.Tensor, log_t: torch.Tensor, w: to
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+    return torch.dot(a.reshape(-1).to(b.dtype), b.reshape(-1))
 
 
-def _pos_rows(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, yf: torch.Tensor) -> torch.Tensor:
+def _pos_rows(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
     """``z_i = a_i sum_{j in P(i)} y_j + sum_{j in P(i)} b_j y_j`` for the local images."""
+    # converted here, not by the caller, so that an fp32 copy of a bf16 input lives briefly
+    yf = y.to(a.dtype)
     if spec.local_diag:
         return yf * (a if b is None else a + b)[:, None]
     z = spec.comm.sum(_index_sum(spec.groups, spec.gt, yf))[spec.gi].mul_(a[:, None])
@@ -121,8 +123,9 @@ def _pos_rows(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, yf: torch.Te
     return z
 
 
-def _pos_cols(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, xf: torch.Tensor) -> torch.Tensor:
+def _pos_cols(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """``sum_{i in P(j)} a_i x_i + b_j sum_{i in P(j)} x_i`` for the local texts."""
+    xf = x.to(a.dtype)
     if spec.local_diag:
         return xf * (a if b is None else a + b)[:, None]
     out = spec.comm.sum(_index_sum(spec.groups, spec.gi, xf * a[:, None]))[spec.gt]
@@ -147,7 +150,6 @@ class _ClipLossFn(torch.autograd.Function):
         cnt_t = torch.bincount(spec.gt_all, minlength=spec.groups)
         cnt_i = torch.bincount(spec.gi_all, minlength=spec.groups)
         p_loc = cnt_t[spec.gi]                    # positives of each local image
-        xf, yf = x.to(cd), y.to(cd)
         scale_c = scale.to(cd)
         if spec.kind == "softmax":
             nv = int((cnt_t[spec.gi_all] > 0).sum())
@@ -169,14 +171,14 @@ class _ClipLossFn(torch.autograd.Function):
             a = w / p_loc.clamp(min=1)
             off = comm.offset(y.shape[0])
             b = v_all[off: off + y.shape[0]] / cnt_i[spec.gt].clamp(min=1)
-            loss = lse_part - scale_c * comm.sum(_dot(xf, _pos_rows(spec, a, b, yf)))
+            loss = lse_part - scale_c * comm.sum(_dot(x, _pos_rows(spec, a, b, y)))
             ctx.shifts = (_shifts(rows, logd_r, logt_r, w, nneg_r), _shifts(cols, logd_c, logt_c, v_all, nneg_c))
         else:
             inv_n = 1.0 / n_all
             a, b = torch.full_like(p_loc, inv_n, dtype=cd), None
             npos = float(cnt_t[spec.gi_all].sum())
             pair = comm.sum(eng.sigmoid_sum(x, yg, scale, bias, spec.tile).to(cd))
-            loss = pair * inv_n - scale_c * comm.sum(_dot(xf, _pos_rows(spec, a, b, yf))) \
+            loss = pair * inv_n - scale_c * comm.sum(_dot(x, _pos_rows(spec, a, b, y))) \
                 - bias.to(cd) * (npos * inv_n)
             ctx.npos, ctx.inv_n = npos, inv_n
         ctx.spec, ctx.a, ctx.b = spec, a, b
@@ -189,7 +191,6 @@ class _ClipLossFn(torch.autograd.Function):
         spec = ctx.spec
         comm, eng = spec.comm, spec.engine
         cd = ctx.a.dtype
-        xf, yf = x.to(cd), y.to(cd)
         scale_c = scale.to(cd)
         g = grad_out.to(cd)
         if spec.kind == "softmax":
@@ -201,12 +202,12 @@ class _ClipLossFn(torch.autograd.Function):
             gx, gy, gsum = eng.sigmoid_grads(x, yg, scale, bias, ctx.inv_n, spec.tile)
             gbias = g * (comm.sum(gsum.to(cd)) - ctx.npos * ctx.inv_n)
         # in place from here on: at large N these [N, D] buffers are most of the memory we use
-        gx = gx.to(cd).sub_(_pos_rows(spec, ctx.a, ctx.b, yf))
-        grad_scale = g * comm.sum(_dot(xf, gx))
+        gx = gx.to(cd).sub_(_pos_rows(spec, ctx.a, ctx.b, y))
+        grad_scale = g * comm.sum(_dot(x, gx))
         grad_x = gx.mul_(g * scale_c)
         off = comm.offset(y.shape[0])
         grad_y = comm.sum(gy.to(cd))[off: off + y.shape[0]]
-        grad_y.sub_(_pos_cols(spec, ctx.a, ctx.b, xf).mul_(scale_c)).mul_(g)
+        grad_y.sub_(_pos_cols(spec, ctx.a, ctx.b, x).mul_(scale_c)).mul_(g)
         return (grad_x.to(x.dtype), grad_y.to(y.dtype), grad_scale.to(scale.dtype).reshape(scale.shape),
                 gbias.to(bias.dtype).reshape(bias.shape), None)
 
