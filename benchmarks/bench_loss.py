@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=None, help="comma-separated batch sizes (default per device)")
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    p.add_argument("--skip", default="", help="comma-separated case names to leave out (e.g. reference)")
     args = p.parse_args(argv)
     device = args.device
     if device == "cpu":
@@ -146,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for dtype in dtypes:
         for B in sizes:
-            skip = set()
+            skip = {n for n in args.skip.split(",") if n}
             if device == "cuda" and (B * B * (4 if dtype == torch.float32 else 2)) > 8 * 2**30:
-                skip = {BASELINE, "reference"}  # full logits would not fit next to their copies
+                skip |= {BASELINE, "reference"}  # full logits would not fit next to their copies
             elif device == "cuda" and B >= 32768:
-                skip = {"reference"}  # the same full-logits math as open_clip
+                skip |= {"reference"}  # the same full-logits math as open_clip
             cases, baselines, floors = cases_for(B, args.dim, dtype, device, forced, repeats, skip)
             big = device == "cpu" and B >= 8192  # a call takes seconds: the memory call warms up
             results += runner.run_cases(cases, warmup=0 if big else 1, repeats=repeats,
