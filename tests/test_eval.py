@@ -269,6 +269,7 @@ def test_zeroshot_perfect_model_scores_one(colour_data):
         r = res["by_embedding"][kind]
         assert r["accuracy"] == 1.0 and r["balanced_accuracy"] == 1.0 and r["macro_auroc"] == 1.0
         assert r["confusion_matrix"] == [[6, 0, 0], [0, 6, 0], [0, 0, 6]]
+    assert res["majority_baseline"] == {"accuracy": pytest.approx(1 / 3), "balanced_accuracy": pytest.approx(1 / 3)}
 
 
 def test_grounding_perfect_model(colour_data):

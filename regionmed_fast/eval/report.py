@@ -203,7 +203,10 @@ def _markdown(res: dict, figures: list[str]) -> str:
                     for k, v in z["by_embedding"].items()]
             out.append(_table(["image embedding", "accuracy", "balanced acc.", "macro AUROC", "acc. (any label)"]
                               + (["multi-label macro AUROC"] if ml else []), rows))
-            out.append("\nTarget = each image's first label among the classes; AUROC one-vs-rest on cosine scores.")
+            mb = z.get("majority_baseline")
+            out.append("\nTarget = each image's first label among the classes; AUROC one-vs-rest on cosine scores."
+                       + (f" Majority-class baseline: accuracy {_f(mb['accuracy'], True)}, balanced accuracy "
+                          f"{_f(mb['balanced_accuracy'], True)}." if mb else ""))
             out.append("")
     g = res.get("grounding")
     if g:

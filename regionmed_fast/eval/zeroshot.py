@@ -98,6 +98,9 @@ def evaluate_zeroshot(es: EvalSet, model, tokenizer: Tokenizer, *, classes: Sequ
     res: dict = {"classes": classes, "templates": tlist, "template_set": tname,
                  "n_images": int(keep.numel()), "n_left_out": es.n_images - int(keep.numel()),
                  "support": torch.bincount(yt, minlength=len(classes)).tolist(), "by_embedding": {}}
+    # always answering the most frequent class: what an accuracy must beat on imbalanced sets
+    res["majority_baseline"] = {"accuracy": max(res["support"]) / max(len(yt), 1),
+                                "balanced_accuracy": 1 / max(sum(1 for c in res["support"] if c), 1)}
     for kind, emb in image_embeddings(es).items():
         scores = emb[keep] @ cemb.T
         pred = scores.argmax(1)
