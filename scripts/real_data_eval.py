@@ -170,10 +170,13 @@ def _metrics(res: dict) -> dict[str, float]:
                 out[f"{short} {k} ({kind})"] = s[k]
     if "R@1" in r.get("region_to_text", {}):
         out["region→text R@1"] = r["region_to_text"]["R@1"]
-    for kind, z in res.get("zeroshot", {}).get("by_embedding", {}).items():
+    zs = res.get("zeroshot", {})
+    for kind, z in zs.get("by_embedding", {}).items():
         out[f"zero-shot acc ({kind})"] = z["accuracy"]
         out[f"zero-shot bal. acc ({kind})"] = z["balanced_accuracy"]
         out[f"zero-shot macro AUROC ({kind})"] = z["macro_auroc"]
+    if zs.get("support"):
+        out["  (zero-shot acc: majority class)"] = max(zs["support"]) / sum(zs["support"])
     g = res.get("grounding", {})
     if "accuracy" in g.get("box_choice", {}):
         out["grounding box choice"] = g["box_choice"]["accuracy"]
@@ -250,7 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.3)
     p.add_argument("--tasks", default="retrieval,zeroshot,grounding,vqa")
     p.add_argument("--device", default=None)
+    p.add_argument("--from-json", default=None,
+                   help="only rebuild results.md from an earlier run's results.json")
     args = p.parse_args(argv)
+    if args.from_json:
+        blob = json.loads(pathlib.Path(args.from_json).read_text())
+        for k, v in blob["args"].items():
+            if k != "from_json":
+                setattr(args, k, v)
+        md = pathlib.Path(args.from_json).with_name("results.md")
+        md.write_text(table(blob["runs"], blob["splits"], args))
+        print(f"wrote {md}")
+        return 0
     args.seeds = [int(s) for s in args.seeds.split(",")]
     root, out = pathlib.Path(args.data_root), pathlib.Path(args.out)
     names = [d for d in args.datasets.split(",") if d]
