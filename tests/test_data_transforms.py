@@ -131,3 +131,31 @@ def test_sample_crop_deterministic_and_in_bounds():
         assert p.w * p.h >= 0.45 * 300 * 120
     assert sample_crop(sample_rng(0, 0, 0), 300, 120, train=False) == CropParams(0, 0, 300, 120, False)
     assert sample_crop(sample_rng(0, 0, 0), 1, 1, train=True).w == 1
+
+
+def test_reduced_size_decode_keeps_geometry(tmp_path, monkeypatch):
+    """Large JPEGs decoded at 1/2-1/8 size (Pillow float-box path) still frame the box."""
+    from regionmed_fast.data import sample as sample_mod
+
+    big = (210, 170, 530, 450)
+    root = str(tmp_path / "big")
+    recs = []
+    for i in range(4):
+        write_image(os.path.join(root, "images", f"g{i}.jpg"), 803, 641, box=big, seed=i)
+        recs.append(record(f"g{i}.jpg", 803, 641, boxes=[big]))
+    write_dataset(root, recs)
+    asked = []
+    real = sample_mod.decode_image
+
+    def spy(data, **kw):
+        asked.append(kw.get("min_size"))
+        return real(data, **kw)
+
+    monkeypatch.setattr(sample_mod, "decode_image", spy)
+    for train in (False, True):
+        dl = make_loader(root, image_size=64, batch_size=4, train=train, num_workers=0, seed=1,
+                         backend="cpu")
+        for _ in range(2 if train else 1):
+            for batch in dl:
+                assert _check_framed(batch) > 0
+    assert asked and all(a is not None for a in asked)  # every decode was a reduced one

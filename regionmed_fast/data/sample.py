@@ -78,7 +78,10 @@ def load_sample(rec: dict, data: bytes, *, size: int, train: bool, seed: int, ep
     if not reduce and (iw, ih) != (w, h):
         raise ManifestError(Problem(file, line, SIZE_MISMATCH,
                                     f"manifest says {w}x{h} but {rec['image']} decodes to {iw}x{ih}"))
-    pix = crop_resize_flip(img, p, size, scale_x=iw / w, scale_y=ih / h)
+    sx, sy = iw / w, ih / h
+    if reduce:  # libjpeg's 1/k output is ceil(w / k) wide; the pixel grid scale is exactly 1/k
+        sx, sy = 1.0 / max(1, round(w / iw)), 1.0 / max(1, round(h / ih))
+    pix = crop_resize_flip(img, p, size, scale_x=sx, scale_y=sy)
     boxes, keep = target_boxes(rec, p, size)
     out = sample_fields(rec, boxes, keep, p)
     out["image"] = pix
