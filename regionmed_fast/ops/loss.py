@@ -28,13 +28,15 @@ from regionmed_fast.ops import _backend
 from regionmed_fast.ops import loss_cpu
 from regionmed_fast.ops.loss_reference import clip_loss_reference
 
-__all__ = ["chunked_clip_loss", "AUTO_FULL_LOGITS_BYTES"]
+__all__ = ["chunked_clip_loss", "CPU_SINGLE_TILE_BYTES"]
 
 _OP = "chunked_clip_loss"
 _SUPPORTED = ("triton", "cpu", "reference")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: ``backend="auto"`` (and ``chunk_size=None``) keeps the logits whole below this many bytes.
-AUTO_FULL_LOGITS_BYTES = 256 * 2**20
+#: With ``chunk_size=None`` the cpu backend computes the logits as one tile up to this size (fp32)
+#: and in ``loss_cpu.DEFAULT_TILE`` tiles above: measured, tiles are as fast from 4096^2 on and
+#: use O(tile) memory (the triton backend's own limit is ``kernels/loss.py: BWD_BUFFER_BYTES``).
+CPU_SINGLE_TILE_BYTES = 16 * 2**20
 
 
 class _LocalComm:
@@ -263,7 +265,7 @@ def _check_ids(v, name: str, n: int, device: torch.device) -> torch.Tensor:
 
 def _tile(chunk_size, backend: str, n: int, m: int, itemsize: int):
     if chunk_size is None:
-        if n * m * 4 <= AUTO_FULL_LOGITS_BYTES and backend == "cpu" and n * m <= 2**22:
+        if backend == "cpu" and n * m * 4 <= CPU_SINGLE_TILE_BYTES:
             return (n, m)
         return loss_cpu.DEFAULT_TILE if backend == "cpu" else None
     if isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
