@@ -69,6 +69,10 @@ def test_ranks_duplicate_texts_form_one_target_set():
 def test_ranks_missing_target_is_error():
     with pytest.raises(ValueError, match="no target"):
         M.retrieval_ranks(torch.ones(2, 2), torch.ones(2, 2), torch.tensor([0, 5]), torch.tensor([0, 1]))
+    nan = torch.ones(2, 2)
+    nan[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="query row 1"):
+        M.retrieval_ranks(nan, torch.ones(2, 2), torch.tensor([0, 1]), torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="widths"):
         M.retrieval_ranks(torch.ones(2, 2), torch.ones(2, 3), torch.tensor([0, 1]), torch.tensor([0, 1]))
 

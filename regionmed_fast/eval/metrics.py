@@ -67,6 +67,11 @@ def _check_pair(query: torch.Tensor, keys: torch.Tensor) -> None:
         raise ValueError(f"embedding widths differ: query D={query.shape[1]}, keys D={keys.shape[1]}")
     if query.dtype != keys.dtype:
         raise ValueError(f"query dtype {query.dtype} != keys dtype {keys.dtype}")
+    # a NaN score compares false with everything and would rank first: refuse it
+    for name, t in (("query", query), ("keys", keys)):
+        if not torch.isfinite(t).all():
+            bad = int(torch.nonzero(~torch.isfinite(t).all(dim=1))[0])
+            raise ValueError(f"{name} row {bad} has a NaN or infinite value")
 
 
 def _chunk(chunk_size: int | None, n: int) -> int:
