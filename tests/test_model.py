@@ -300,13 +300,13 @@ def test_real_minilm_matches_mean_pooling(monkeypatch):
 
 
 def test_text_cache_for_a_frozen_tower(model, tok):
+    # on by default; it acts only while every text parameter is frozen
     ids, mask = tok(["a 6 mm nodule", "a large left pleural effusion", "a 6 mm nodule"])
     with torch.no_grad():
         want = model.encode_text(ids, mask)
     calls = []
     hook = model.text.register_forward_hook(lambda *a: calls.append(a[1][0].shape[0]))
     try:
-        model.enable_text_cache()
         for p in model.text.parameters():
             p.requires_grad_(False)
         model.train()  # misses still run without dropout: a frozen tower is deterministic
@@ -317,9 +317,12 @@ def test_text_cache_for_a_frozen_tower(model, tok):
         torch.testing.assert_close(again, want[1:], atol=1e-5, rtol=1e-5)
         got.sum().backward()  # text_proj still trains
         assert model.text_proj.weight.grad is not None
+        with torch.no_grad():  # changed text weights (a stage that trained them) empty the cache
+            model.text.transformer.embeddings.word_embeddings.weight.mul_(1.0)
+        model.encode_text(ids, mask)
+        assert calls == [2, 2]
     finally:
         hook.remove()
-        model.enable_text_cache(False)
         for p in model.text.parameters():
             p.requires_grad_(True)
         model.eval()

@@ -107,8 +107,7 @@ class RegionMedCLIP(nn.Module):
         self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
                            if config.init_logit_bias is not None else None)
         self._tokenizer: Tokenizer | None = None
-        self._text_cache: dict[bytes, torch.Tensor] | None = None
-        self._text_cache_max = 0
+        self.enable_text_cache(config.text.cache_when_frozen)
 
     # ------------------------------------------------------------------ encoders
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -165,19 +164,27 @@ class RegionMedCLIP(nn.Module):
         """ids int64 [T, L], mask int64 [T, L] (1 = token) -> [T, D]."""
         if self._text_cache is not None and not any(p.requires_grad
                                                     for p in self.text.parameters()):
+            # weights changed since the cache was filled (an unfrozen stage, a load): drop it
+            version = sum(p._version for p in self.text.parameters())
+            if version != self._text_cache_version:
+                self._text_cache.clear()
+                self._text_cache_version = version
             feats = self._cached_text_features(ids, mask)
         else:
             feats = self.text(ids, mask)
         x = self.text_proj(feats)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def enable_text_cache(self, enable: bool = True, max_entries: int = 500_000) -> None:
+    def enable_text_cache(self, enable: bool = True, max_entries: int = 200_000) -> None:
         """Cache the text tower's pooled output per distinct text while the tower is frozen
         (every ``text`` parameter has ``requires_grad=False``): a frozen tower maps a text to
         one vector, so each text is encoded once per run (misses run with dropout off). The
-        trainable ``text_proj`` is applied after the cache. Cleared by disabling."""
+        trainable ``text_proj`` is applied after the cache. It is emptied whenever the text
+        weights change (in-place updates or loads) and when disabled. On by default
+        (``config.text.cache_when_frozen``): it only acts while the tower is frozen."""
         self._text_cache = {} if enable else None
         self._text_cache_max = max_entries
+        self._text_cache_version = -1
 
     @torch.no_grad()
     def _cached_text_features(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

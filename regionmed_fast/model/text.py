@@ -29,6 +29,7 @@ class TextConfig:
     tiny_depth: int = 2
     tiny_heads: int = 2
     grad_checkpointing: bool = False
+    cache_when_frozen: bool = True  # see RegionMedCLIP.enable_text_cache
 
 
 def minilm_path() -> str:
