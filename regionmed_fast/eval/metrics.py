@@ -231,6 +231,8 @@ def binary_auroc(y: torch.Tensor, score: torch.Tensor) -> float:
     s = torch.as_tensor(score, dtype=torch.float64).flatten()
     if y.shape != s.shape:
         raise ValueError(f"labels {tuple(y.shape)} and scores {tuple(s.shape)} differ in length")
+    if torch.isnan(s).any():
+        raise ValueError("binary_auroc: scores contain NaN")
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
