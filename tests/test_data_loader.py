@@ -103,14 +103,14 @@ def test_bad_image_body_error_and_skip(tmp_path, caplog):
     root = good_dataset(str(tmp_path / "ds"), n=4)
     p = os.path.join(root, "images", "img2.jpg")
     data = open(p, "rb").read()
-    open(p, "wb").write(data[:200])  # header intact, body gone: passes the header check
+    open(p, "wb").write(data[: len(data) // 2])  # header intact, body cut: passes the header check
     with pytest.raises(ManifestError, match=r"annotations.jsonl:3: error: unreadable_image"):
         list(make_loader(root, image_size=32, batch_size=2, train=False, num_workers=0))
     dl = make_loader(root, image_size=32, batch_size=2, train=False, num_workers=0, skip_bad=True)
     with caplog.at_level(logging.WARNING, logger="regionmed_fast.data"):
         got = [t for b in dl for t in b["texts"]]
     assert got == ["image number 0", "image number 1", "image number 3"]
-    assert dl.skipped == 1
+    assert dl.skipped == 1 and dl.manifest_skipped == 0  # found at decode time
     assert any("skipped 1 bad record" in r.getMessage() for r in caplog.records)
 
 
@@ -158,6 +158,25 @@ def test_shards_split_by_rank(tmp_path):
     assert len(set(seen)) == len(seen)
 
 
+def test_shards_skip_bad_image_body(tmp_path):
+    root = good_dataset(str(tmp_path / "ds"), n=4)
+    p = os.path.join(root, "images", "img1.jpg")
+    data = open(p, "rb").read()
+    open(p, "wb").write(data[: len(data) // 2])  # header intact: only decoding finds it
+    write_shards(root, str(tmp_path / "sh"))
+    kw = dict(image_size=16, batch_size=4, train=False, num_workers=0)
+    with pytest.raises(ManifestError, match=r"annotations.jsonl:2: error: unreadable_image"):
+        list(make_loader(str(tmp_path / "sh"), **kw))
+    dl = make_loader(str(tmp_path / "sh"), skip_bad=True, **kw)
+    assert [len(b["texts"]) for b in dl] == [3] and dl.skipped == 1
+
+
+def test_distributed_true_needs_a_process_group(tmp_path):
+    root = good_dataset(str(tmp_path / "ds"), n=2)
+    with pytest.raises(RuntimeError, match="not initialised"):
+        make_loader(root, image_size=8, batch_size=2, train=False, distributed=True)
+
+
 def test_epoch_sampler_ranks_partition():
     parts = [list(EpochSampler(10, shuffle=True, seed=0, rank=r, world=3)) for r in range(3)]
     assert [len(p) for p in parts] == [4, 4, 4]
@@ -191,5 +210,9 @@ def test_real_dataset_loads(shared_data, name):
         assert b["region_text_ids"].shape[0] == int(b["box_counts"].sum())
         n += len(b["texts"])
     assert n == len(dl) * 32 and dl.skipped == 0
+    from regionmed_fast.data.validate import validate
+
+    rep, _ = validate(str(root))
+    assert not rep.errors, [str(p) for p in rep.errors[:3]]
     ev = make_loader(str(root), image_size=64, batch_size=64, train=False, num_workers=0)
     assert sum(int(b["box_counts"].sum()) for b in ev) == {"covid_chestxray": 360, "ph2_dermoscopy": 165}[name]
