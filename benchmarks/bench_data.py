@@ -16,9 +16,7 @@ Each case times one full pass (epoch) over the dataset; images/s = images / medi
 """
 from __future__ import annotations
 
-import glob
 import json
-import math
 import os
 import sys
 import tempfile

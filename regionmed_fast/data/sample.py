@@ -5,7 +5,6 @@ collate samples into the batch format of INTERFACES.md (images still uint8 [B, 3
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -128,6 +127,3 @@ def read_bytes(rec: dict) -> bytes:
         raise ManifestError(Problem(file, line, UNREADABLE_IMAGE,
                                     f"cannot read {rec['image_path']}: {exc}")) from None
 
-
-def rel_image(rec: dict) -> str:
-    return rec["image"] if not os.path.isabs(rec["image"]) else os.path.basename(rec["image"])
