@@ -327,3 +327,28 @@ def test_text_cache_for_a_frozen_tower(model, tok):
             p.requires_grad_(True)
         model.eval()
         model.zero_grad()
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_matches_cpu(model, tok):
+    b = _batch(tok)
+    with torch.no_grad():
+        want = model(b)
+    m = create_model("regionmed-tiny", text="tiny")
+    m.load_state_dict(model.state_dict())
+    m = m.cuda()
+    cb = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in b.items()}
+    m.eval()
+    with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
+        got = m(cb)
+    for k in ("image_global", "image_fused", "region", "text", "region_text"):
+        cos = (got[k].float().cpu() * want[k]).sum(-1)
+        assert cos.min() > 0.98, (k, cos)
+    m.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(cb)
+        loss = ((out["region"] * out["region_text"]).float().sum()
+                + (out["image_fused"] * out["text"]).float().sum())
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.roi.gate_weight.grad.abs().sum() > 0

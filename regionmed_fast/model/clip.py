@@ -131,9 +131,8 @@ class RegionMedCLIP(nn.Module):
         tokens, fused = self.roi(grid, pooled, rois, tuple(images.shape[-2:]))
         return tokens, fused, rois[:, 0].long()
 
-    def encode_image(self, images: torch.Tensor, boxes: Any = None,
-                     box_counts: torch.Tensor | None = None,
-                     normalize: bool = True) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor, boxes: Any = None, normalize: bool = True, *,
+                     box_counts: torch.Tensor | None = None) -> torch.Tensor:
         """images float [B, 3, H, W] (normalised) -> [B, D].
 
         With ``boxes`` (pixels of ``images``: a list of ``[K_i, 4]``, a padded ``[B, Kmax, 4]``
@@ -146,8 +145,8 @@ class RegionMedCLIP(nn.Module):
         x = self.image_proj(pooled)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_regions(self, images: torch.Tensor, boxes: Any,
-                       box_counts: torch.Tensor | None = None, normalize: bool = True
+    def encode_regions(self, images: torch.Tensor, boxes: Any, normalize: bool = True, *,
+                       box_counts: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (global [B, D], region-aware [B, D], regions [K, D], region_batch long [K])."""
         if self.roi is None:
