@@ -283,7 +283,10 @@ def read_manifest(root: str, *, skip_bad: bool = False, images: str = "header",
         if key not in _warned:
             _warned.add(key)
             n = sum(1 for q in rep.warnings if q.kind == p.kind)
-            log.warning("%s (%d such in this manifest)", p, n)
+            # Clipping changes the data: say so. Image-only records are normal (e.g. "no
+            # finding" images), so they are only noted at INFO; `validate` lists them all.
+            level = logging.WARNING if p.kind == CLIPPED_BOX else logging.INFO
+            log.log(level, "%s (%d such in this manifest)", p, n)
     if rep.skipped:
         log.warning("%s: skipped %d bad record(s) of %d; first: %s",
                     manifest_path(root)[1], rep.skipped, rep.lines, errors[0])
