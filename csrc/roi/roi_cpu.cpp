@@ -182,6 +182,67 @@ RoiTaps<T> build_taps(const T* rois, int64_t K, T scale, int64_t PH, int64_t PW,
   return out;
 }
 
+// Whole-roi weights in separable form, for NCHW maps: the samples of a roi form a Cartesian grid
+// and torchvision's outside test and clamps act per axis, so the weight of pixel (y, x) in the
+// mean over bins is ay[y] * ax[x]. Channel loops then run along contiguous rows.
+template <typename T>
+struct SepRoi {
+  int64_t batch = 0, y0 = 0, y1 = 0, x0 = 0, x1 = 0;  // nonzero support [y0, y1) x [x0, x1)
+  std::vector<T> ay, ax;                                // dense, length H and W
+};
+
+template <typename T>
+inline void add_axis(T v, int64_t n, std::vector<T>& acc) {
+  if (v < T(-1) || v > static_cast<T>(n)) return;
+  if (v <= T(0)) v = T(0);
+  int64_t lo = static_cast<int64_t>(v), hi;
+  if (lo >= n - 1) {
+    hi = lo = n - 1;
+    v = static_cast<T>(lo);
+  } else {
+    hi = lo + 1;
+  }
+  const T l = v - static_cast<T>(lo);
+  acc[lo] += T(1) - l;
+  acc[hi] += l;
+}
+
+template <typename T>
+std::vector<SepRoi<T>> build_separable(const T* rois, int64_t K, T scale, int64_t S, int64_t sr,
+                                       bool aligned, int64_t B, int64_t H, int64_t W) {
+  std::vector<SepRoi<T>> out(K);
+  at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const Geom<T> g = make_geom(rois + k * 5, scale, S, S, sr, aligned, B);
+      SepRoi<T>& s = out[k];
+      s.batch = g.batch;
+      s.ay.assign(H, T(0));
+      s.ax.assign(W, T(0));
+      for (int64_t p = 0; p < S; ++p) {
+        for (int64_t i = 0; i < g.grid_h; ++i) {
+          add_axis(g.start_h + static_cast<T>(p) * g.bin_h +
+                       static_cast<T>(i + .5f) * g.bin_h / static_cast<T>(g.grid_h), H, s.ay);
+        }
+        for (int64_t i = 0; i < g.grid_w; ++i) {
+          add_axis(g.start_w + static_cast<T>(p) * g.bin_w +
+                       static_cast<T>(i + .5f) * g.bin_w / static_cast<T>(g.grid_w), W, s.ax);
+        }
+      }
+      const T norm = g.inv_count / static_cast<T>(S * S);
+      for (auto& v : s.ay) v *= norm;
+      auto bounds = [](const std::vector<T>& v, int64_t& lo, int64_t& hi) {
+        lo = 0;
+        hi = static_cast<int64_t>(v.size());
+        while (lo < hi && v[lo] == T(0)) ++lo;
+        while (hi > lo && v[hi - 1] == T(0)) --hi;
+      };
+      bounds(s.ay, s.y0, s.y1);
+      bounds(s.ax, s.x0, s.x1);
+    }
+  });
+  return out;
+}
+
 at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -263,47 +324,30 @@ Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, doubl
   return out;
 }
 
-// grad_features[b] += w * g for every tap of every roi of image b, with g a [C] row (NHWC) or
-// one channel's value (NCHW). `gval(k, bin, c)` reads the upstream gradient in acc precision.
+// NHWC grad_features[b, pixel, :] += w * g(k, bin)[:] for every tap of every roi of image b.
+// Threads own channel blocks and visit rois and taps in order: deterministic, no atomics.
 template <typename T, typename GRow>
-void scatter_taps(const RoiTaps<T>& rt, int64_t K, int64_t nb, int64_t C, int64_t HW,
-                  bool channels_last, T* __restrict__ gf, GRow grow) {
-  if (channels_last) {
-    const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
-    at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t c0 = blk * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-        for (int64_t k = 0; k < K; ++k) {
-          T* gb = gf + rt.batch[k] * HW * C;
-          const auto& taps = rt.taps[k];
-          const auto& offs = rt.offsets[k];
-          for (int64_t bin = 0; bin < nb; ++bin) {
-            const T* __restrict__ g = grow(k, bin);
-            for (int32_t j = offs[bin]; j < offs[bin + 1]; ++j) {
-              const T w = taps[j].w;
-              T* __restrict__ d = gb + static_cast<int64_t>(taps[j].idx) * C;
-              for (int64_t c = c0; c < c1; ++c) d[c] += w * g[c];
-            }
+void scatter_taps_nhwc(const RoiTaps<T>& rt, int64_t K, int64_t nb, int64_t C, int64_t HW,
+                       T* __restrict__ gf, GRow grow) {
+  const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t c0 = blk * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
+      for (int64_t k = 0; k < K; ++k) {
+        T* gb = gf + rt.batch[k] * HW * C;
+        const auto& taps = rt.taps[k];
+        const auto& offs = rt.offsets[k];
+        for (int64_t bin = 0; bin < nb; ++bin) {
+          const T* __restrict__ g = grow(k, bin);
+          for (int32_t j = offs[bin]; j < offs[bin + 1]; ++j) {
+            const T w = taps[j].w;
+            T* __restrict__ d = gb + static_cast<int64_t>(taps[j].idx) * C;
+            for (int64_t c = c0; c < c1; ++c) d[c] += w * g[c];
           }
         }
       }
-    });
-  } else {
-    at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t k = 0; k < K; ++k) {
-          T* __restrict__ d = gf + (rt.batch[k] * C + c) * HW;
-          const auto& taps = rt.taps[k];
-          const auto& offs = rt.offsets[k];
-          for (int64_t bin = 0; bin < nb; ++bin) {
-            const T g = grow(k, bin)[c];
-            if (g == T(0)) continue;
-            for (int32_t j = offs[bin]; j < offs[bin + 1]; ++j) d[taps[j].idx] += taps[j].w * g;
-          }
-        }
-      }
-    });
-  }
+    }
+  });
 }
 
 Tensor roi_align_backward(const Tensor& grad_in, const Tensor& rois_in, double spatial_scale,
@@ -330,7 +374,7 @@ Tensor roi_align_backward(const Tensor& grad_in, const Tensor& rois_in, double s
       // Rows of the upstream gradient per (roi, bin): [K, nb, C] in acc precision.
       const Tensor g = grad_in.to(acc).reshape({K, C, nb}).transpose(1, 2).contiguous();
       const T* gp = g.const_data_ptr<T>();
-      scatter_taps<T>(rt, K, nb, C, HW, true, gf.mutable_data_ptr<T>(),
+      scatter_taps_nhwc<T>(rt, K, nb, C, HW, gf.mutable_data_ptr<T>(),
                       [&](int64_t k, int64_t bin) { return gp + (k * nb + bin) * C; });
     } else {
       // NCHW visits one channel at a time: read [K, C, nb] directly, strided by nb per channel.
@@ -390,8 +434,14 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
   if (K == 0) return {z, r, a};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "roi_pool_fuse_forward", [&] {
     using T = at::opmath_type<scalar_t>;
-    const RoiTaps<T> rt = build_taps(rois.const_data_ptr<T>(), K, static_cast<T>(spatial_scale),
-                                     S, S, sampling_ratio, aligned, B, H, W, true);
+    const T* rois_p = rois.const_data_ptr<T>();
+    const T sc = static_cast<T>(spatial_scale);
+    const RoiTaps<T> rt = channels_last ? build_taps(rois_p, K, sc, S, S, sampling_ratio, aligned, B, H, W, true)
+                                        : RoiTaps<T>{};
+    const std::vector<SepRoi<T>> sep = channels_last ? std::vector<SepRoi<T>>{}
+                                                     : build_separable(rois_p, K, sc, S, sampling_ratio, aligned, B, H, W);
+    std::vector<int64_t> batch_of(K);
+    for (int64_t k = 0; k < K; ++k) batch_of[k] = channels_last ? rt.batch[k] : sep[k].batch;
     const scalar_t* f = features.const_data_ptr<scalar_t>();
     T* rp = r.mutable_data_ptr<T>();
     const int64_t HW = H * W;
@@ -399,7 +449,7 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
     at::parallel_for(0, K * nblk, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t k = i / nblk, c0 = (i % nblk) * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
-        const scalar_t* fb = f + rt.batch[k] * C * HW;
+        const scalar_t* fb = f + batch_of[k] * C * HW;
         T* __restrict__ rk = rp + k * C;
         if (channels_last) {
           for (const auto& t : rt.taps[k]) {
@@ -407,10 +457,17 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
             for (int64_t c = c0; c < c1; ++c) rk[c] += t.w * static_cast<T>(p[c]);
           }
         } else {
+          const SepRoi<T>& sr_ = sep[k];
+          const T* __restrict__ ax = sr_.ax.data();
           for (int64_t c = c0; c < c1; ++c) {
             const scalar_t* p = fb + c * HW;
             T s = T(0);
-            for (const auto& t : rt.taps[k]) s += t.w * static_cast<T>(p[t.idx]);
+            for (int64_t y = sr_.y0; y < sr_.y1; ++y) {
+              const scalar_t* __restrict__ row = p + y * W;
+              T t = T(0);
+              for (int64_t x = sr_.x0; x < sr_.x1; ++x) t += ax[x] * static_cast<T>(row[x]);
+              s += sr_.ay[y] * t;
+            }
             rk[c] = s;
           }
         }
@@ -425,7 +482,7 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
     at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const T* rk = rp + k * C;
-        const T* gk = gp + rt.batch[k] * C;
+        const T* gk = gp + batch_of[k] * C;
         T s = b0;
         for (int64_t c = 0; c < C; ++c) s += w0[c] * rk[c] + w1[c] * gk[c];
         const T ak = T(1) / (T(1) + std::exp(-s));
@@ -466,8 +523,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
   if (K > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "roi_pool_fuse_backward", [&] {
       using T = scalar_t;
-      const RoiTaps<T> rt = build_taps(rois.const_data_ptr<T>(), K, static_cast<T>(spatial_scale),
-                                       S, S, sampling_ratio, aligned, B, H, W, true);
+      const T* rois_p = rois.const_data_ptr<T>();
+      const T sc = static_cast<T>(spatial_scale);
+      const RoiTaps<T> rt = channels_last ? build_taps(rois_p, K, sc, S, S, sampling_ratio, aligned, B, H, W, true)
+                                          : RoiTaps<T>{};
+      const std::vector<SepRoi<T>> sep = channels_last ? std::vector<SepRoi<T>>{}
+                                                       : build_separable(rois_p, K, sc, S, sampling_ratio, aligned, B, H, W);
+      std::vector<int64_t> batch_of(K);
+      for (int64_t k = 0; k < K; ++k) batch_of[k] = channels_last ? rt.batch[k] : sep[k].batch;
       const T* gzp = gz.const_data_ptr<T>();
       const T* gp = gl.const_data_ptr<T>();
       const T* w0 = wt.const_data_ptr<T>();
@@ -482,7 +545,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
         for (int64_t k = begin; k < end; ++k) {
           const T* gzk = gzp + k * C;
           const T* rk = rp + k * C;
-          const T* gk = gp + rt.batch[k] * C;
+          const T* gk = gp + batch_of[k] * C;
           T da = T(0);
           for (int64_t c = 0; c < C; ++c) da += gzk[c] * (rk[c] - gk[c]);
           const T ak = ap[k];
@@ -498,8 +561,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
           const T ak = ap[k], d = ds[k];
           const T* gzk = gzp + k * C;
           const T* rk = rp + k * C;
-          const T* gk = gp + rt.batch[k] * C;
-          T* ggk = ggp + rt.batch[k] * C;
+          const T* gk = gp + batch_of[k] * C;
+          T* ggk = ggp + batch_of[k] * C;
           for (int64_t c = begin; c < end; ++c) {
             ggk[c] += (T(1) - ak) * gzk[c] + d * w1[c];
             gwp[c] += d * rk[c];
@@ -510,8 +573,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
       T db = T(0);
       for (int64_t k = 0; k < K; ++k) db += ds[k];
       g_bias.mutable_data_ptr<T>()[0] = db;
-      scatter_taps<T>(rt, K, 1, C, H * W, channels_last, gf.mutable_data_ptr<T>(),
-                      [&](int64_t k, int64_t) { return grp + k * C; });
+      if (channels_last) {
+        scatter_taps_nhwc<T>(rt, K, 1, C, H * W, gf.mutable_data_ptr<T>(),
+                        [&](int64_t k, int64_t) { return grp + k * C; });
+      } else {
+        T* gfp = gf.mutable_data_ptr<T>();
+        const int64_t HW = H * W;
+        at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            for (int64_t k = 0; k < K; ++k) {  // rois in order: deterministic
+              const T g = grp[k * C + c];
+              if (g == T(0)) continue;
+              const SepRoi<T>& sr_ = sep[k];
+              const T* __restrict__ ax = sr_.ax.data();
+              T* d = gfp + (sr_.batch * C + c) * HW;
+              for (int64_t y = sr_.y0; y < sr_.y1; ++y) {
+                const T gy = g * sr_.ay[y];
+                T* __restrict__ row = d + y * W;
+                for (int64_t x = sr_.x0; x < sr_.x1; ++x) row[x] += gy * ax[x];
+              }
+            }
+          }
+        });
+      }
     });
   }
   const auto out_t = grad_z_in.scalar_type();
