@@ -44,6 +44,17 @@ def _autotune_enabled() -> bool:
     return not _interpret() and os.environ.get("REGIONMED_TRITON_AUTOTUNE", "1") != "0"
 
 
+def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Tune only problems big enough for the choice to matter: small ones (tests, fuzzing) take
+    the first config, which saves a benchmark pass and three compilations per shape."""
+    if named_args["C"] * named_args["H"] * named_args["W"] < (1 << 16):
+        return configs[:1]
+    return configs
+
+
+_PRUNE = {"early_config_prune": _prune_small}
+
+
 def _configs(gpu: list[tuple[int, int]], interp_block_c: int) -> list[triton.Config]:
     """Autotune candidates ``(BLOCK_C, num_warps)``; a single config when not tuning."""
     if _interpret():
@@ -72,22 +83,20 @@ def _scaled(v, scale_hi, scale_lo):
 
 
 @triton.jit
-def _roi_geometry(rois_ptr, k, scale_hi, scale_lo, sampling_ratio, PH: tl.constexpr,
-                  PW: tl.constexpr, ALIGNED: tl.constexpr, ACC: tl.constexpr):
+def _roi_geometry(rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, PH: tl.constexpr,
+                  PW: tl.constexpr, ACC: tl.constexpr):
     """torchvision's per-roi sampling geometry (start, bin size, samples per bin, count)."""
     base = rois_ptr + k.to(tl.int64) * 5
     b = tl.load(base).to(tl.int32)
-    if ALIGNED:
-        off = 0.5
-    else:
-        off = 0.0
+    is_aligned = aligned != 0
+    off = tl.where(is_aligned, 0.5, 0.0)
     start_w = _scaled(tl.load(base + 1).to(ACC), scale_hi, scale_lo) - off
     start_h = _scaled(tl.load(base + 2).to(ACC), scale_hi, scale_lo) - off
     roi_w = _scaled(tl.load(base + 3).to(ACC), scale_hi, scale_lo) - off - start_w
     roi_h = _scaled(tl.load(base + 4).to(ACC), scale_hi, scale_lo) - off - start_h
-    if not ALIGNED:  # legacy mode forces malformed rois to 1x1
-        roi_w = tl.maximum(roi_w, 1.0)
-        roi_h = tl.maximum(roi_h, 1.0)
+    # the legacy (not aligned) mode forces malformed rois to 1x1
+    roi_w = tl.where(is_aligned, roi_w, tl.maximum(roi_w, 1.0))
+    roi_h = tl.where(is_aligned, roi_h, tl.maximum(roi_h, 1.0))
     # ceil() of an exact quotient such as 14 / 7 must not become 3: hence _div.
     bin_h = _div(roi_h, PH * 1.0)
     bin_w = _div(roi_w, PW * 1.0)
@@ -154,17 +163,18 @@ def _align_fwd_configs():
     return _configs([(32, 4), (64, 4), (16, 2), (64, 8)], interp_block_c=32)
 
 
-@triton.autotune(configs=_align_fwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"])
-@triton.jit(do_not_specialize=["sampling_ratio"])
-def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampling_ratio,
+@triton.autotune(configs=_align_fwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"],
+                 prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["sampling_ratio", "aligned", "H", "W"])
+def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampling_ratio, aligned,
                           C, H, W, s_b, s_c, s_y, s_x,
-                          PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr,
-                          CL: tl.constexpr, ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
+                          PH: tl.constexpr, PW: tl.constexpr, CL: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
                           BLOCK_PW: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
     b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, PH, PW, ALIGNED, ACC)
+        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, PH, PW, ACC)
     hf = H * 1.0
     wf = W * 1.0
     ph = tl.arange(0, BLOCK_PH)
@@ -205,17 +215,19 @@ def _align_bwd_configs():
 
 
 @triton.autotune(configs=_align_bwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"],
+                 prune_configs_by=_PRUNE,
                  reset_to_zero=["gfeat_ptr"])
-@triton.jit(do_not_specialize=["sampling_ratio"])
+@triton.jit(do_not_specialize=["sampling_ratio", "aligned", "H", "W"])
 def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sampling_ratio,
+                          aligned,
                           C, H, W, s_b, s_c, s_y, s_x,
-                          PH: tl.constexpr, PW: tl.constexpr, ALIGNED: tl.constexpr,
-                          CL: tl.constexpr, ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
+                          PH: tl.constexpr, PW: tl.constexpr, CL: tl.constexpr,
+                           ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
                           BLOCK_PW: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
     b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, PH, PW, ALIGNED, ACC)
+        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, PH, PW, ACC)
     hf = H * 1.0
     wf = W * 1.0
     ph = tl.arange(0, BLOCK_PH)
@@ -284,16 +296,17 @@ def _fuse_fwd_configs():
     return _configs([(128, 4), (64, 4), (256, 8), (128, 8)], interp_block_c=64)
 
 
-@triton.autotune(configs=_fuse_fwd_configs(), key=["C", "H", "W", "S", "CL"])
-@triton.jit(do_not_specialize=["sampling_ratio"])
+@triton.autotune(configs=_fuse_fwd_configs(), key=["C", "H", "W", "S", "CL"],
+                 prune_configs_by=_PRUNE)
+@triton.jit(do_not_specialize=["sampling_ratio", "aligned", "H", "W"])
 def _roi_pool_fuse_fwd_kernel(feat_ptr, rois_ptr, glob_ptr, wgt_ptr, bias_ptr, z_ptr, r_ptr,
-                              a_ptr, scale_hi, scale_lo, sampling_ratio, C, H, W,
-                              s_b, s_c, s_y, s_x, S: tl.constexpr, ALIGNED: tl.constexpr,
-                              CL: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                              a_ptr, scale_hi, scale_lo, sampling_ratio, aligned, C, H, W,
+                              s_b, s_c, s_y, s_x, S: tl.constexpr, CL: tl.constexpr,
+                               ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                               BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, S, S, ALIGNED, ACC)
+        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, S, S, ACC)
     norm = count * (S * S)
     feat_b = feat_ptr + b.to(tl.int64) * s_b
     glob_b = glob_ptr + b.to(tl.int64) * C
@@ -327,18 +340,19 @@ def _fuse_bwd_configs():
 
 
 @triton.autotune(configs=_fuse_bwd_configs(), key=["C", "H", "W", "S", "CL"],
+                 prune_configs_by=_PRUNE,
                  reset_to_zero=["gfeat_ptr", "gglob_ptr", "gw_ptr", "gb_ptr"])
-@triton.jit(do_not_specialize=["sampling_ratio"])
+@triton.jit(do_not_specialize=["sampling_ratio", "aligned", "H", "W"])
 def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
                               gfeat_ptr, gglob_ptr, gw_ptr, gb_ptr,
-                              scale_hi, scale_lo, sampling_ratio, C, H, W,
-                              s_b, s_c, s_y, s_x, S: tl.constexpr, ALIGNED: tl.constexpr,
-                              CL: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                              scale_hi, scale_lo, sampling_ratio, aligned, C, H, W,
+                              s_b, s_c, s_y, s_x, S: tl.constexpr, CL: tl.constexpr,
+                               ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                               BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
     b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, S, S, ALIGNED, ACC)
+        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, S, S, ACC)
     norm = count * (S * S)
     gz_k = gz_ptr + k.to(tl.int64) * C
     r_k = r_ptr + k.to(tl.int64) * C
@@ -437,7 +451,11 @@ def _strides(B: int, C: int, H: int, W: int, channels_last: bool) -> tuple[int, 
 
 
 def _block_j(W: int) -> int:
-    return min(triton.next_power_of_2(max(W, 1)), 64 if _interpret() else 16)
+    # Columns per load. Fixed on a GPU (masks cover narrow maps) so that the map width does not
+    # multiply the compiled variants; the interpreter pays per op, so it takes whole rows.
+    if _interpret():
+        return min(triton.next_power_of_2(max(W, 1)), 64)
+    return 16
 
 
 def _dims(features: torch.Tensor, channels_last: bool) -> tuple[int, int, int, int]:
@@ -456,7 +474,8 @@ def roi_align_forward(features: torch.Tensor, rois: torch.Tensor, spatial_scale:
     features = _check(features, "features", 4)
     rois = _check_rois(rois, features.device)
     if pooled_h <= 0 or pooled_w <= 0:
-        raise ValueError(f"roi_align_forward: pooled size must be positive, got {pooled_h}x{pooled_w}")
+        raise ValueError(f"roi_align_forward: pooled size must be positive, "
+                         f"got {pooled_h}x{pooled_w}")
     B, C, H, W = _dims(features, channels_last)
     K = rois.shape[0]
     out = torch.empty((K, C, pooled_h, pooled_w), dtype=features.dtype, device=features.device)
@@ -466,8 +485,9 @@ def roi_align_forward(features: torch.Tensor, rois: torch.Tensor, spatial_scale:
     s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
     grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     _roi_align_fwd_kernel[grid](
-        features, rois, out, s_hi, s_lo, int(sampling_ratio), C, H, W, s_b, s_c, s_y, s_x,
-        PH=int(pooled_h), PW=int(pooled_w), ALIGNED=bool(aligned), CL=bool(channels_last),
+        features, rois, out, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
+        s_b, s_c, s_y, s_x,
+        PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
         ACC=_tl_acc(features.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
         BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
     return out
@@ -494,8 +514,9 @@ def roi_align_backward(grad: torch.Tensor, rois: torch.Tensor, spatial_scale: fl
         s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
         grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
         _roi_align_bwd_kernel[grid](
-            grad, rois, gfeat, s_hi, s_lo, int(sampling_ratio), C, H, W, s_b, s_c, s_y, s_x,
-            PH=int(pooled_h), PW=int(pooled_w), ALIGNED=bool(aligned), CL=bool(channels_last),
+            grad, rois, gfeat, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
+            s_b, s_c, s_y, s_x,
+            PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
             ACC=_tl_acc(grad.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
             BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
     return gfeat if gfeat.dtype == grad.dtype else gfeat.to(grad.dtype)
@@ -539,8 +560,8 @@ def roi_pool_fuse_forward(features: torch.Tensor, rois: torch.Tensor, global_fea
     s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
     _roi_pool_fuse_fwd_kernel[(K,)](
         features, rois, global_feat, gate_weight, gate_bias, z, r, a, s_hi, s_lo,
-        int(sampling_ratio), C, H, W, s_b, s_c, s_y, s_x, S=int(output_size),
-        ALIGNED=bool(aligned), CL=bool(channels_last), ACC=_tl_acc(features.dtype),
+        int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x, S=int(output_size),
+        CL=bool(channels_last), ACC=_tl_acc(features.dtype),
         BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
     return z, r, a
 
@@ -582,8 +603,9 @@ def roi_pool_fuse_backward(grad_z: torch.Tensor, rois: torch.Tensor, global_feat
         grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
         _roi_pool_fuse_bwd_kernel[grid](
             grad_z, rois, global_feat, gate_weight, r, a, gfeat, gglob, gw, gb, s_hi, s_lo,
-            int(sampling_ratio), C, H, W, s_b, s_c, s_y, s_x, S=int(output_size),
-            ALIGNED=bool(aligned), CL=bool(channels_last), ACC=_tl_acc(grad_z.dtype),
+            int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x,
+            S=int(output_size),
+            CL=bool(channels_last), ACC=_tl_acc(grad_z.dtype),
             BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
     return (gfeat.to(grad_z.dtype), gglob.to(global_feat.dtype), gw.to(gate_weight.dtype),
             gb.to(gate_weight.dtype))
