@@ -22,6 +22,7 @@ Design (see also /tmp/team/README-roi-gpu.md):
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -408,6 +409,11 @@ def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
 
 # ----------------------------------------------------------------------------- launchers
 
+def _on(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -484,12 +490,13 @@ def roi_align_forward(features: torch.Tensor, rois: torch.Tensor, spatial_scale:
     s_hi, s_lo = _split_scale(spatial_scale, features.dtype)
     s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
     grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-    _roi_align_fwd_kernel[grid](
-        features, rois, out, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
-        s_b, s_c, s_y, s_x,
-        PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
-        ACC=_tl_acc(features.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
-        BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
+    with _on(features.device):
+        _roi_align_fwd_kernel[grid](
+            features, rois, out, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
+            s_b, s_c, s_y, s_x,
+            PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
+            ACC=_tl_acc(features.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
+            BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
     return out
 
 
@@ -513,12 +520,13 @@ def roi_align_backward(grad: torch.Tensor, rois: torch.Tensor, spatial_scale: fl
         s_hi, s_lo = _split_scale(spatial_scale, grad.dtype)
         s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
         grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-        _roi_align_bwd_kernel[grid](
-            grad, rois, gfeat, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
-            s_b, s_c, s_y, s_x,
-            PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
-            ACC=_tl_acc(grad.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
-            BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
+        with _on(grad.device):
+            _roi_align_bwd_kernel[grid](
+                grad, rois, gfeat, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
+                s_b, s_c, s_y, s_x,
+                PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
+                ACC=_tl_acc(grad.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
+                BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
     return gfeat if gfeat.dtype == grad.dtype else gfeat.to(grad.dtype)
 
 
@@ -558,11 +566,13 @@ def roi_pool_fuse_forward(features: torch.Tensor, rois: torch.Tensor, global_fea
         return z, r, a
     s_hi, s_lo = _split_scale(spatial_scale, features.dtype)
     s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
-    _roi_pool_fuse_fwd_kernel[(K,)](
-        features, rois, global_feat, gate_weight, gate_bias, z, r, a, s_hi, s_lo,
-        int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x, S=int(output_size),
-        CL=bool(channels_last), ACC=_tl_acc(features.dtype),
-        BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
+    with _on(features.device):
+        _roi_pool_fuse_fwd_kernel[(K,)](
+            features, rois, global_feat, gate_weight, gate_bias, z, r, a, s_hi, s_lo,
+            int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x,
+            S=int(output_size),
+            CL=bool(channels_last), ACC=_tl_acc(features.dtype),
+            BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
     return z, r, a
 
 
@@ -601,11 +611,12 @@ def roi_pool_fuse_backward(grad_z: torch.Tensor, rois: torch.Tensor, global_feat
         s_hi, s_lo = _split_scale(spatial_scale, grad_z.dtype)
         s_b, s_c, s_y, s_x = _strides(B, C, H, W, channels_last)
         grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
-        _roi_pool_fuse_bwd_kernel[grid](
-            grad_z, rois, global_feat, gate_weight, r, a, gfeat, gglob, gw, gb, s_hi, s_lo,
-            int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x,
-            S=int(output_size),
-            CL=bool(channels_last), ACC=_tl_acc(grad_z.dtype),
-            BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
+        with _on(grad_z.device):
+            _roi_pool_fuse_bwd_kernel[grid](
+                grad_z, rois, global_feat, gate_weight, r, a, gfeat, gglob, gw, gb, s_hi, s_lo,
+                int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x,
+                S=int(output_size),
+                CL=bool(channels_last), ACC=_tl_acc(grad_z.dtype),
+                BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
     return (gfeat.to(grad_z.dtype), gglob.to(global_feat.dtype), gw.to(gate_weight.dtype),
             gb.to(gate_weight.dtype))
