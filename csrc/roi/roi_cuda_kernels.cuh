@@ -263,8 +263,12 @@ __device__ void build_support(const Geom<acc_t>& g, int S, int H, int W, Support
   __syncthreads();
 }
 
+constexpr int kMaxFuseThreads = 1024;
+
+// Launch bounds: the channels_last forward runs up to 1024 threads per block, which needs <= 64
+// registers per thread; without the bound the launch could fail with "too many resources".
 template <typename scalar_t, typename acc_t>
-__global__ void roi_pool_fuse_fwd_kernel(const scalar_t* __restrict__ feat, const acc_t* __restrict__ rois,
+__global__ void __launch_bounds__(kMaxFuseThreads) roi_pool_fuse_fwd_kernel(const scalar_t* __restrict__ feat, const acc_t* __restrict__ rois,
                                          const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
                                          const acc_t* __restrict__ bias, scalar_t* __restrict__ z,
                                          acc_t* r, acc_t* __restrict__ a_out, acc_t scale, int C, int H,
@@ -398,7 +402,7 @@ inline int64_t align_chunk(int64_t C, int64_t NB, int64_t acc_size) {
 inline int fuse_fwd_threads(int64_t C, bool channels_last) {
   if (!channels_last) return kThreads;
   const int64_t t = (C + 31) / 32 * 32;
-  return static_cast<int>(t < 64 ? 64 : (t > 1024 ? 1024 : t));
+  return static_cast<int>(t < 64 ? 64 : (t > kMaxFuseThreads ? kMaxFuseThreads : t));
 }
 
 inline int64_t fuse_bwd_chunk(int64_t C) { return C < 256 ? (C > 1 ? C : 1) : 256; }

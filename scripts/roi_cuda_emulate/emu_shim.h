@@ -16,6 +16,7 @@
 #define __forceinline__ inline
 #define __shared__
 #define __restrict__
+#define __launch_bounds__(n)
 struct dim3 {
   unsigned x, y, z;
   dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
