@@ -314,7 +314,10 @@ Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, doubl
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t* p = fb + c * HW;
             T s = T(0);
-            for (const auto& t : taps) s += t.w * static_cast<T>(p[t.idx]);
+            const Tap<T>* tp = taps.data();
+            const int64_t nt = static_cast<int64_t>(taps.size());
+_Pragma("omp simd reduction(+ : s)")
+            for (int64_t j = 0; j < nt; ++j) s += tp[j].w * static_cast<T>(p[tp[j].idx]);
             ok[c * nb] = static_cast<scalar_t>(s);
           }
         }
@@ -465,6 +468,7 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
             for (int64_t y = sr_.y0; y < sr_.y1; ++y) {
               const scalar_t* __restrict__ row = p + y * W;
               T t = T(0);
+_Pragma("omp simd reduction(+ : t)")
               for (int64_t x = sr_.x0; x < sr_.x1; ++x) t += ax[x] * static_cast<T>(row[x]);
               s += sr_.ay[y] * t;
             }
@@ -484,6 +488,7 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
         const T* rk = rp + k * C;
         const T* gk = gp + batch_of[k] * C;
         T s = b0;
+_Pragma("omp simd reduction(+ : s)")
         for (int64_t c = 0; c < C; ++c) s += w0[c] * rk[c] + w1[c] * gk[c];
         const T ak = T(1) / (T(1) + std::exp(-s));
         ap[k] = ak;
@@ -547,6 +552,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
           const T* rk = rp + k * C;
           const T* gk = gp + batch_of[k] * C;
           T da = T(0);
+_Pragma("omp simd reduction(+ : da)")
           for (int64_t c = 0; c < C; ++c) da += gzk[c] * (rk[c] - gk[c]);
           const T ak = ap[k];
           const T d = da * ak * (T(1) - ak);
