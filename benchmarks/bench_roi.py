@@ -73,8 +73,10 @@ def cases_for(*, B: int, C: int, H: int, W: int, per_image: int, S: int, sr: int
     grid = (H, W)
     tv_feats = feats.view(B, H, W, C) if layout == "nhwc" else feats
     tv_dtype = dtype
-    if dtype != torch.float32 and device == "cuda":
+    if dtype != torch.float32:
         try:  # torchvision's CUDA kernel lacks some low-precision types: upcast, as a user would
+            import torchvision  # noqa: F401  (registers torch.ops.torchvision)
+
             torch.ops.torchvision.roi_align(tv_feats.permute(0, 3, 1, 2) if layout == "nhwc" else tv_feats,
                                             rois.to(dtype), 1.0, 2, 2, 2, False)
         except Exception:

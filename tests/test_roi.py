@@ -371,25 +371,29 @@ def test_opcheck_registered_ops():
                                False, cl, 2, 5, 6, "cpu"))
 
 
-def test_torch_compile_fullgraph():
-    _cpu_only()
+@pytest.mark.parametrize("name", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu),
+                                  pytest.param("triton", marks=pytest.mark.gpu)])
+def test_torch_compile_fullgraph(name):
+    dev = _device(name)
+    if available_backends(dev)[name] != "ok":
+        pytest.skip(available_backends(dev)[name])
     torch._dynamo.reset()
 
     class Head(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.pool = RoIPoolFuse(4, output_size=2, sampling_ratio=2, aligned=True, layout="nhwc", backend="cpu")
+            self.pool = RoIPoolFuse(4, output_size=2, sampling_ratio=2, aligned=True, layout="nhwc", backend=name)
 
         def forward(self, tokens, rois, glob):
             z = self.pool(tokens, rois, glob, grid_size=(5, 6))
-            return z.sum() + roi_align(tokens, rois, 2, 1.0, 2, True, "nhwc", grid_size=(5, 6), backend="cpu").sum()
+            return z.sum() + roi_align(tokens, rois, 2, 1.0, 2, True, "nhwc", grid_size=(5, 6), backend=name).sum()
 
-    head = Head()
+    head = Head().to(dev)
     torch.nn.init.normal_(head.pool.gate_weight)
     gen = torch.Generator().manual_seed(9)
-    tokens = torch.randn(2, 30, 4, generator=gen, requires_grad=True)
-    rois = _rois(3, 2, 5, 6, 1.0, gen)
-    glob = torch.randn(2, 4, generator=gen)
+    tokens = torch.randn(2, 30, 4, generator=gen).to(dev).requires_grad_(True)
+    rois = _rois(3, 2, 5, 6, 1.0, gen, device=dev)
+    glob = torch.randn(2, 4, generator=gen).to(dev)
     eager = head(tokens, rois, glob)
     (g_eager,) = torch.autograd.grad(eager, tokens)
     compiled = torch.compile(head, fullgraph=True, backend="aot_eager")(tokens, rois, glob)
