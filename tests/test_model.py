@@ -106,7 +106,7 @@ def test_region_loss_reaches_the_image_tower(model, tok):
     model.zero_grad()
     out = model(b)
     (out["region"] * out["region_text"]).sum().backward()
-    assert model.visual.patch_embed.weight.grad.abs().sum() > 0
+    assert next(model.visual.patch_embed.parameters()).grad.abs().sum() > 0
     assert model.roi.gate_weight.grad.abs().sum() > 0
     assert model.roi.geometry[0].weight.grad.abs().sum() > 0
     model.zero_grad()
@@ -245,6 +245,17 @@ def test_vit_other_sizes_and_checkpointing(model):
     model.eval()
     model.zero_grad()
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_conv_stem():
+    m = create_model("regionmed-tiny", text="tiny", vision={"stem": "conv"}, embed_dim=32)
+    pooled, grid = m.visual(torch.randn(2, 3, 96, 96))
+    assert pooled.shape == (2, 192) and grid.shape == (2, 6, 6, 192)
+    with pytest.raises(ValueError, match="power-of-two"):
+        create_model("regionmed-tiny", text="tiny", vision={"stem": "conv", "patch_size": 12,
+                                                            "image_size": 96})
+    with pytest.raises(ValueError, match="stem"):
+        create_model("regionmed-tiny", text="tiny", vision={"stem": "hybrid"})
 
 
 def test_patch_text_similarity(model, tok):
