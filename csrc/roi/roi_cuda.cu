@@ -12,9 +12,11 @@
 // (i, j) in r_k is wy[i] * wx[j] summed over all bins and samples. A block first builds the
 // non-zero row and column weights of its roi in shared memory; r_k then reads each pixel of the
 // roi's support once per channel (instead of 4 taps x samples x bins) and never forms the
-// [K, C, S, S] tensor. The forward uses one block per roi (the scalar gate needs all of r_k);
-// the backward one block per (roi, channel chunk), each recomputing dL/da over all channels
-// (3 reads of C values) and scattering one atomicAdd per (pixel, channel).
+// [K, C, S, S] tensor. Each op is two launches so that the heavy phase spreads over
+// K x C/64 blocks (few rois still fill the GPU): forward = r_k per (roi, 64-channel chunk) plus
+// that chunk's part of the gate logit, then a per-roi kernel sums the parts (fixed order) and
+// writes a_k and z_k; backward = a per-roi kernel for ds_k = dL/d(logit) and the global / gate
+// gradients, then the scatter of dr_k per (roi, chunk), one atomicAdd per (pixel, channel).
 //
 // All arithmetic is in at::opmath_type (float for half/bfloat16/float, double for double).
 #include <ATen/ATen.h>
@@ -170,17 +172,28 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
   Tensor a = at::empty({K}, features.options().dtype(acc));
   if (K == 0) return {z, r, a};  // an empty map (H or W = 0) runs the kernel: r = 0 there
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t nparts = (C + kFuseChunk - 1) / kFuseChunk;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "roi_pool_fuse_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t smem = support_smem_bytes(H, W, static_cast<int64_t>(sizeof(acc_t)));
+    const int64_t smem = fuse_smem(H, W, sizeof(acc_t));
     TORCH_CHECK(smem <= kSmemLimit, "roi_pool_fuse_forward (cuda): feature map ", H, "x", W, " too large");
-    const int threads = fuse_fwd_threads(C, channels_last);
-    roi_pool_fuse_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(K), threads, static_cast<size_t>(smem), stream>>>(
-        features.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
-        wt.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(), z.mutable_data_ptr<scalar_t>(),
-        r.mutable_data_ptr<acc_t>(), a.mutable_data_ptr<acc_t>(), static_cast<acc_t>(spatial_scale),
-        static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), static_cast<int>(S),
-        static_cast<int>(sampling_ratio), aligned, channels_last);
+    // Phase 1 writes r and per-chunk parts of the gate logit; phase 2 forms a and z. Two
+    // launches let phase 1 spread over K * C / 64 blocks instead of K.
+    Tensor part = at::empty({K, std::max<int64_t>(nparts, 1)}, features.options().dtype(acc));
+    if (nparts > 0) {
+      const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>(nparts));
+      roi_pool_fuse_r_kernel<scalar_t, acc_t><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(
+          features.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
+          wt.const_data_ptr<acc_t>(), r.mutable_data_ptr<acc_t>(), part.mutable_data_ptr<acc_t>(),
+          static_cast<acc_t>(spatial_scale), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W),
+          static_cast<int>(S), static_cast<int>(sampling_ratio), aligned, channels_last);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    roi_pool_fuse_gate_kernel<scalar_t, acc_t><<<static_cast<unsigned>(K), kThreads,
+                                                 static_cast<size_t>(fuse_small_smem(sizeof(acc_t))), stream>>>(
+        rois.const_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(),
+        r.const_data_ptr<acc_t>(), part.const_data_ptr<acc_t>(), z.mutable_data_ptr<scalar_t>(),
+        a.mutable_data_ptr<acc_t>(), static_cast<int>(C), static_cast<int>(nparts));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {z, r, a};
@@ -218,18 +231,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_z.scalar_type(), "roi_pool_fuse_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const int64_t chunk = fuse_bwd_chunk(C);
-      const int64_t smem = fuse_bwd_smem(H, W, chunk, sizeof(acc_t));
+      const int64_t smem = fuse_smem(H, W, sizeof(acc_t));
       TORCH_CHECK(smem <= kSmemLimit, "roi_pool_fuse_backward (cuda): feature map ", H, "x", W, " too large");
-      const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>((C + chunk - 1) / chunk));
-      roi_pool_fuse_bwd_kernel<scalar_t, acc_t><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(
+      // Phase 1 (block per roi): ds_k and the global / gate gradients. Phase 2 (block per roi and
+      // 64-channel chunk): the scatter into grad_features.
+      Tensor ds = at::empty({K}, grad_z.options().dtype(acc));
+      roi_pool_fuse_ds_kernel<scalar_t, acc_t><<<static_cast<unsigned>(K), kThreads,
+                                                 static_cast<size_t>(fuse_small_smem(sizeof(acc_t))), stream>>>(
           grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
           wt.const_data_ptr<acc_t>(), r.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
-          gf.mutable_data_ptr<acc_t>(), g_global.mutable_data_ptr<acc_t>(), g_weight.mutable_data_ptr<acc_t>(),
-          g_bias.mutable_data_ptr<acc_t>(), static_cast<acc_t>(spatial_scale), static_cast<int>(C),
-          static_cast<int>(H), static_cast<int>(W), static_cast<int>(S), static_cast<int>(sampling_ratio), aligned,
-          channels_last, static_cast<int>(chunk));
+          ds.mutable_data_ptr<acc_t>(), g_global.mutable_data_ptr<acc_t>(), g_weight.mutable_data_ptr<acc_t>(),
+          g_bias.mutable_data_ptr<acc_t>(), static_cast<int>(C));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (H > 0 && W > 0) {
+        const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>((C + kFuseChunk - 1) / kFuseChunk));
+        roi_pool_fuse_scatter_kernel<scalar_t, acc_t><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(
+            grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), wt.const_data_ptr<acc_t>(),
+            a.const_data_ptr<acc_t>(), ds.const_data_ptr<acc_t>(), gf.mutable_data_ptr<acc_t>(),
+            static_cast<acc_t>(spatial_scale), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W),
+            static_cast<int>(S), static_cast<int>(sampling_ratio), aligned, channels_last);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     });
   }
   const auto out_t = grad_z_in.scalar_type();

@@ -263,51 +263,59 @@ __device__ void build_support(const Geom<acc_t>& g, int S, int H, int W, Support
   __syncthreads();
 }
 
-constexpr int kMaxFuseThreads = 1024;
+// Channels per block of the fused kernels: 64 channels x 4 pixel groups for channels_last (a warp
+// reads 32 consecutive channels of one pixel), 8 warps x 8 channels for NCHW. Small chunks give
+// K * C / 64 blocks, enough to fill the GPU even when there are few rois.
+constexpr int kFuseChunk = 64;
 
-// Launch bounds: the channels_last forward runs up to 1024 threads per block, which needs <= 64
-// registers per thread; without the bound the launch could fail with "too many resources".
+// Fused forward, phase 1: r_k for one channel chunk and that chunk's part of the gate logit
+// (<w0, r_k> + <w1, g_k>), written to part[k, chunk]. Grid (K, ceil(C / kFuseChunk)).
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kMaxFuseThreads) roi_pool_fuse_fwd_kernel(const scalar_t* __restrict__ feat, const acc_t* __restrict__ rois,
-                                         const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
-                                         const acc_t* __restrict__ bias, scalar_t* __restrict__ z,
-                                         acc_t* r, acc_t* __restrict__ a_out, acc_t scale, int C, int H,
-                                         int W, int S, int sampling_ratio, bool aligned,
-                                         bool channels_last) {
+__global__ void roi_pool_fuse_r_kernel(const scalar_t* __restrict__ feat, const acc_t* __restrict__ rois,
+                                       const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
+                                       acc_t* __restrict__ r, acc_t* __restrict__ part, acc_t scale, int C,
+                                       int H, int W, int S, int sampling_ratio, bool aligned,
+                                       bool channels_last) {
   extern __shared__ unsigned char smem_raw[];
   const Support<acc_t> sp = carve<acc_t>(smem_raw, H, W);
+  acc_t* red = reinterpret_cast<acc_t*>(smem_raw + support_smem_bytes(H, W, sizeof(acc_t)));  // [blockDim]
   const int64_t k = blockIdx.x;
+  const int c0 = blockIdx.y * kFuseChunk;
   const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned);
   build_support(g, S, H, W, sp);
-  const int nr = sp.counts[0], nc = sp.counts[1];
+  const int nr = sp.counts[0], nc = sp.counts[1], npix = nr * nc;
   const acc_t inv_norm = acc_t(1) / (g.count * static_cast<acc_t>(S * S));
   const int64_t HW = static_cast<int64_t>(H) * W;
   const scalar_t* fb = feat + g.batch * HW * C;
   const acc_t* gk = glob + g.batch * C;
   acc_t* rk = r + k * C;
-  acc_t partial = acc_t(0);
+  acc_t contrib = acc_t(0);
   if (channels_last) {
-    // Thread per channel: a warp reads 32 consecutive channels of each support pixel.
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-      acc_t sum = acc_t(0);
-      for (int ia = 0; ia < nr; ++ia) {
-        const scalar_t* row = fb + (static_cast<int64_t>(sp.row_i[ia]) * W) * C + c;
-        acc_t rs = acc_t(0);
-#pragma unroll 4
-        for (int jb = 0; jb < nc; ++jb) {
-          rs += sp.col_w[jb] * static_cast<acc_t>(row[static_cast<int64_t>(sp.col_i[jb]) * C]);
-        }
-        sum += sp.row_w[ia] * rs;
+    const int groups = blockDim.x / kFuseChunk;
+    const int cl = threadIdx.x % kFuseChunk, grp = threadIdx.x / kFuseChunk;
+    const int64_t c = c0 + cl;
+    acc_t sum = acc_t(0);
+    if (c < C && grp < groups) {
+      for (int p = grp; p < npix; p += groups) {
+        const int ia = p / nc, jb = p % nc;
+        const int64_t pix = static_cast<int64_t>(sp.row_i[ia]) * W + sp.col_i[jb];
+        sum += sp.row_w[ia] * sp.col_w[jb] * static_cast<acc_t>(fb[pix * C + c]);
       }
-      const acc_t rv = sum * inv_norm;
+    }
+    red[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x < kFuseChunk && c < C) {
+      acc_t total = acc_t(0);
+      for (int q = 0; q < groups; ++q) total += red[q * kFuseChunk + threadIdx.x];  // fixed order
+      const acc_t rv = total * inv_norm;
       rk[c] = rv;
-      partial += wgt[c] * rv + wgt[C + c] * gk[c];
+      contrib = wgt[c] * rv + wgt[C + c] * gk[c];
     }
   } else {
     // Warp per channel: lanes walk the support pixels of one channel plane.
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-    const int npix = nr * nc;
-    for (int c = warp; c < C; c += nwarps) {
+    for (int cl = warp; cl < kFuseChunk && c0 + cl < C; cl += nwarps) {
+      const int64_t c = c0 + cl;
       const scalar_t* plane = fb + c * HW;
       acc_t sum = acc_t(0);
       for (int p = lane; p < npix; p += 32) {
@@ -318,62 +326,98 @@ __global__ void __launch_bounds__(kMaxFuseThreads) roi_pool_fuse_fwd_kernel(cons
       if (lane == 0) {
         const acc_t rv = sum * inv_norm;
         rk[c] = rv;
-        partial += wgt[c] * rv + wgt[C + c] * gk[c];
+        contrib += wgt[c] * rv + wgt[C + c] * gk[c];
       }
     }
   }
-  // block_sum's barriers also make this block's writes of r_k visible to all its threads.
-  const acc_t logit = block_sum(partial, sp.scratch) + bias[0];
+  const acc_t total = block_sum(contrib, sp.scratch);
+  if (threadIdx.x == 0) part[k * gridDim.y + blockIdx.y] = total;
+}
+
+// Fused forward, phase 2: the gate a_k = sigmoid(bias + sum of the logit parts) and
+// z_k = a_k r_k + (1 - a_k) g_k. Grid (K).
+template <typename scalar_t, typename acc_t>
+__global__ void roi_pool_fuse_gate_kernel(const acc_t* __restrict__ rois, const acc_t* __restrict__ glob,
+                                          const acc_t* __restrict__ bias, const acc_t* __restrict__ r,
+                                          const acc_t* __restrict__ part, scalar_t* __restrict__ z,
+                                          acc_t* __restrict__ a_out, int C, int nparts) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* scratch = reinterpret_cast<acc_t*>(smem_raw);  // 33 values (dynamic: see fuse_small_smem)
+  const int64_t k = blockIdx.x;
+  const int64_t b = static_cast<int64_t>(rois[k * 5]);
+  acc_t s = acc_t(0);
+  for (int j = threadIdx.x; j < nparts; j += blockDim.x) s += part[k * nparts + j];
+  const acc_t logit = block_sum(s, scratch) + bias[0];
   const acc_t a = acc_t(1) / (acc_t(1) + exp(-logit));
   if (threadIdx.x == 0) a_out[k] = a;
+  const acc_t* rk = r + k * C;
+  const acc_t* gk = glob + b * C;
   scalar_t* zk = z + k * C;
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    zk[c] = static_cast<scalar_t>(a * rk[c] + (acc_t(1) - a) * gk[c]);  // rk: plain load, written above
+    zk[c] = static_cast<scalar_t>(a * rk[c] + (acc_t(1) - a) * gk[c]);
   }
 }
 
+// Fused backward, phase 1: ds_k = dL/d(gate logit) and the per-roi gradients of global_feat,
+// gate_weight and gate_bias (atomics: rois of one image share global_feat[b]). Grid (K).
 template <typename scalar_t, typename acc_t>
-__global__ void roi_pool_fuse_bwd_kernel(const scalar_t* __restrict__ gz, const acc_t* __restrict__ rois,
-                                         const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
-                                         const acc_t* __restrict__ r, const acc_t* __restrict__ a_in,
-                                         acc_t* __restrict__ gfeat, acc_t* __restrict__ gglob,
-                                         acc_t* __restrict__ gw, acc_t* __restrict__ gbias, acc_t scale,
-                                         int C, int H, int W, int S, int sampling_ratio, bool aligned,
-                                         bool channels_last, int chunk) {
+__global__ void roi_pool_fuse_ds_kernel(const scalar_t* __restrict__ gz, const acc_t* __restrict__ rois,
+                                        const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
+                                        const acc_t* __restrict__ r, const acc_t* __restrict__ a_in,
+                                        acc_t* __restrict__ ds_out, acc_t* __restrict__ gglob,
+                                        acc_t* __restrict__ gw, acc_t* __restrict__ gbias, int C) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* scratch = reinterpret_cast<acc_t*>(smem_raw);  // 33 values (dynamic: see fuse_small_smem)
+  const int64_t k = blockIdx.x;
+  const int64_t b = static_cast<int64_t>(rois[k * 5]);
+  const scalar_t* gzk = gz + k * C;
+  const acc_t* rk = r + k * C;
+  const acc_t* gk = glob + b * C;
+  const acc_t a = a_in[k];
+  acc_t da = acc_t(0);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) da += static_cast<acc_t>(gzk[c]) * (rk[c] - gk[c]);
+  da = block_sum(da, scratch);
+  const acc_t ds = da * a * (acc_t(1) - a);
+  if (threadIdx.x == 0) {
+    ds_out[k] = ds;
+    atomicAdd(gbias, ds);
+  }
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    atomicAdd(gglob + b * C + c, (acc_t(1) - a) * static_cast<acc_t>(gzk[c]) + ds * wgt[C + c]);
+    atomicAdd(gw + c, ds * rk[c]);
+    atomicAdd(gw + C + c, ds * gk[c]);
+  }
+}
+
+// Fused backward, phase 2: scatter dr = (a gz + ds w0) / (count S^2) through the roi's separable
+// weights, one atomicAdd per (support pixel, channel). Grid (K, ceil(C / kFuseChunk)).
+template <typename scalar_t, typename acc_t>
+__global__ void roi_pool_fuse_scatter_kernel(const scalar_t* __restrict__ gz, const acc_t* __restrict__ rois,
+                                             const acc_t* __restrict__ wgt, const acc_t* __restrict__ a_in,
+                                             const acc_t* __restrict__ ds_in, acc_t* __restrict__ gfeat,
+                                             acc_t scale, int C, int H, int W, int S, int sampling_ratio,
+                                             bool aligned, bool channels_last) {
   extern __shared__ unsigned char smem_raw[];
   const Support<acc_t> sp = carve<acc_t>(smem_raw, H, W);
   acc_t* dr_tile = reinterpret_cast<acc_t*>(smem_raw + support_smem_bytes(H, W, sizeof(acc_t)));  // [chunk]
   const int64_t k = blockIdx.x;
-  const int c0 = blockIdx.y * chunk;
-  const int ct = min(chunk, C - c0);
+  const int c0 = blockIdx.y * kFuseChunk;
+  const int ct = min(kFuseChunk, C - c0);
   const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned);
   build_support(g, S, H, W, sp);
-  const acc_t* rk = r + k * C;
-  const scalar_t* gzk = gz + k * C;
-  const acc_t* gk = glob + g.batch * C;
-  const acc_t a = a_in[k];
-  // dL/da needs every channel; each chunk's block recomputes it (3 reads of C values).
-  acc_t da = acc_t(0);
-  for (int c = threadIdx.x; c < C; c += blockDim.x) da += static_cast<acc_t>(gzk[c]) * (rk[c] - gk[c]);
-  da = block_sum(da, sp.scratch);
-  const acc_t ds = da * a * (acc_t(1) - a);
+  const acc_t a = a_in[k], ds = ds_in[k];
   const acc_t inv_norm = acc_t(1) / (g.count * static_cast<acc_t>(S * S));
   for (int t = threadIdx.x; t < ct; t += blockDim.x) {
     const int c = c0 + t;
-    const acc_t gzc = static_cast<acc_t>(gzk[c]);
-    atomicAdd(gglob + g.batch * C + c, (acc_t(1) - a) * gzc + ds * wgt[C + c]);
-    atomicAdd(gw + c, ds * rk[c]);
-    atomicAdd(gw + C + c, ds * gk[c]);
-    dr_tile[t] = (a * gzc + ds * wgt[c]) * inv_norm;
+    dr_tile[t] = (a * static_cast<acc_t>(gz[k * C + c]) + ds * wgt[c]) * inv_norm;
   }
-  if (blockIdx.y == 0 && threadIdx.x == 0) atomicAdd(gbias, ds);
   __syncthreads();
   const int nr = sp.counts[0], nc = sp.counts[1];
   const int npix = nr * nc;
   const int64_t HW = static_cast<int64_t>(H) * W;
   acc_t* fb = gfeat + g.batch * HW * C;
-  // One atomicAdd per (support pixel, channel); consecutive threads take consecutive channels
-  // (channels_last) or consecutive pixels of one plane (NCHW).
+  // Consecutive threads take consecutive channels (channels_last) or consecutive pixels of one
+  // plane (NCHW).
   for (int64_t t = threadIdx.x; t < static_cast<int64_t>(ct) * npix; t += blockDim.x) {
     const int cl = channels_last ? static_cast<int>(t % ct) : static_cast<int>(t / npix);
     const int p = channels_last ? static_cast<int>(t / ct) : static_cast<int>(t % npix);
@@ -398,17 +442,13 @@ inline int64_t align_chunk(int64_t C, int64_t NB, int64_t acc_size) {
   return c > 1 ? c : 1;
 }
 
-// Fused forward: thread per channel with channels_last (up to 1024), else warps over channels.
-inline int fuse_fwd_threads(int64_t C, bool channels_last) {
-  if (!channels_last) return kThreads;
-  const int64_t t = (C + 31) / 32 * 32;
-  return static_cast<int>(t < 64 ? 64 : (t > kMaxFuseThreads ? kMaxFuseThreads : t));
+// Shared memory of the fused kernels: the roi's Support plus a per-thread (phase-1 forward) or
+// per-channel (backward scatter) tile.
+inline int64_t fuse_smem(int64_t H, int64_t W, int64_t acc_size) {
+  return support_smem_bytes(H, W, acc_size) + static_cast<int64_t>(kThreads) * acc_size;
 }
 
-inline int64_t fuse_bwd_chunk(int64_t C) { return C < 256 ? (C > 1 ? C : 1) : 256; }
-
-inline int64_t fuse_bwd_smem(int64_t H, int64_t W, int64_t chunk, int64_t acc_size) {
-  return support_smem_bytes(H, W, acc_size) + chunk * acc_size;  // + the dr tile
-}
+// Shared memory of the per-roi gate / ds kernels: the block reduction's scratch.
+inline int64_t fuse_small_smem(int64_t acc_size) { return 33 * acc_size; }
 
 }  // namespace regionmed::roi_cuda
