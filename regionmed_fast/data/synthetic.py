@@ -107,6 +107,18 @@ def _grid(side: int) -> tuple[np.ndarray, np.ndarray]:
 def _ellipse(side: int, cx: float, cy: float, rx: float, ry: float, soft: float = 1.0,
              angle: float = 0.0, wobble: np.ndarray | None = None) -> np.ndarray:
     """Soft-edged (about ``soft`` pixels) filled ellipse as a [side, side] mask in [0, 1]."""
+    r = _ellipse_radius(side, cx, cy, rx, ry, angle, wobble)
+    return _soft_inside(r, side, min(rx, ry), soft)
+
+
+def _soft_inside(r: np.ndarray, side: int, radius: float, soft: float) -> np.ndarray:
+    edge_frac = soft / (side * max(radius, 1e-6))
+    return np.clip((1.0 - r) / edge_frac + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _ellipse_radius(side: int, cx: float, cy: float, rx: float, ry: float, angle: float = 0.0,
+                    wobble: np.ndarray | None = None) -> np.ndarray:
+    """Normalised radius field of an (irregular) ellipse: < 1 inside, 1 on the border."""
     x, y = _grid(side)
     dx, dy = x - cx, y - cy
     if angle:
@@ -117,8 +129,7 @@ def _ellipse(side: int, cx: float, cy: float, rx: float, ry: float, soft: float 
         th = np.arctan2(dy, dx)
         mod = 1.0 + sum(a * np.cos((k + 2) * th + p) for k, (a, p) in enumerate(wobble))
         r = r / mod
-    edge_frac = soft / (side * max(min(rx, ry), 1e-6))
-    return np.clip((1.0 - r) / edge_frac + 0.5, 0.0, 1.0).astype(np.float32)
+    return r
 
 
 def _smooth_noise(side: int, cells: int, rng: np.random.Generator) -> np.ndarray:
@@ -269,8 +280,9 @@ def _derm(side: int, rng: np.random.Generator) -> tuple[np.ndarray, list[Finding
     cx, cy = rng.uniform(0.42, 0.58), rng.uniform(0.42, 0.58)
     R = rng.uniform(0.2, 0.3)
     wob = [(rng.uniform(0.02, 0.08), rng.uniform(0, 6.3)) for _ in range(3)]
-    lesion = _ellipse(side, cx, cy, R, R * rng.uniform(0.75, 1.0), soft=3, wobble=wob,
-                      angle=rng.uniform(0, 3.1))
+    ry = R * rng.uniform(0.75, 1.0)
+    lesion_r = _ellipse_radius(side, cx, cy, R, ry, angle=rng.uniform(0, 3.1), wobble=wob)
+    lesion = _soft_inside(lesion_r, side, ry, soft=3)
     period = rng.uniform(0.035, 0.05)
     net = 0.5 + 0.5 * np.sin(2 * np.pi * x / period) * np.sin(2 * np.pi * y / period)
     brown = np.array([0.45, 0.28, 0.18], np.float32) * rng.uniform(0.85, 1.1)
@@ -284,7 +296,7 @@ def _derm(side: int, rng: np.random.Generator) -> tuple[np.ndarray, list[Finding
     boxes: list[tuple] = []
     for kind in kinds:
         for _ in range(20):
-            f = _derm_finding(str(kind), side, cx, cy, R, rng)
+            f = _derm_finding(str(kind), side, cx, cy, R, lesion_r, rng)
             if f is None:
                 continue
             finding, mask, colour, alpha = f
@@ -308,7 +320,7 @@ def _derm(side: int, rng: np.random.Generator) -> tuple[np.ndarray, list[Finding
     return np.clip(img, 0, 1), findings
 
 
-def _derm_finding(kind, side, cx, cy, R, rng):
+def _derm_finding(kind, side, cx, cy, R, lesion_r, rng):
     lo, hi = SIZE_RANGE[kind]
     d = rng.uniform(lo, hi)
     ang = rng.uniform(0, 2 * np.pi)
@@ -321,8 +333,9 @@ def _derm_finding(kind, side, cx, cy, R, rng):
         half = d / (2 * R)
         dth = np.angle(np.exp(1j * (th - ang)))
         lines = np.abs(np.sin(dth * rng.uniform(40, 60))) < 0.35
+        # from just inside the lesion's own (irregular) border outwards
         mask = ((np.abs(dth) < half) & lines &
-                (rad > R * 0.85) & (rad < R * 0.85 + d)).astype(np.float32)
+                (lesion_r > 0.88) & (lesion_r < 0.88 + d / R)).astype(np.float32)
         bbox = _bbox_of(mask)
         if bbox is None:
             return None
@@ -333,9 +346,13 @@ def _derm_finding(kind, side, cx, cy, R, rng):
     r = d / 2
     dist = rng.uniform(0, max(R - r, 0.0) * 0.9)
     px, py = cx + dist * math.cos(ang), cy + dist * math.sin(ang)
+    ix, iy = min(int(px * side), side - 1), min(int(py * side), side - 1)
+    if not 0 <= ix < side or not 0 <= iy < side or lesion_r[iy, ix] > 0.8:
+        return None  # keep the structure inside the lesion
     if kind == "globule":
         mask = _ellipse(side, px, py, r, r, soft=0.7)
-        colour, alpha = np.array([0.12, 0.07, 0.05], np.float32), 0.95
+        # near-black: a globule must stand out from the dark-brown lesion it sits on
+        colour, alpha = np.array([0.03, 0.015, 0.01], np.float32), 1.0
     else:  # blue-white veil: irregular, semi-transparent
         wob = [(rng.uniform(0.05, 0.15), rng.uniform(0, 6.3)) for _ in range(3)]
         mask = _ellipse(side, px, py, r, r * rng.uniform(0.7, 1.0), soft=2, wobble=wob)
