@@ -210,7 +210,8 @@ class RegionMedCLIP(nn.Module):
             if len(self._text_cache) < self._text_cache_max:
                 self._text_cache.update(fresh)
         dtype = self.text_proj.weight.dtype
-        return torch.stack([fresh[k] if k in fresh else self._text_cache[k]
+        # .to(device): the cache may predate a model.to(...) move
+        return torch.stack([fresh[k] if k in fresh else self._text_cache[k].to(ids.device)
                             for k in keys]).to(dtype)
 
     def patch_text_similarity(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
