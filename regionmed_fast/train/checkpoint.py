@@ -88,7 +88,9 @@ def check_compatible(ckpt: dict, fingerprint: dict, model_config: dict | None, p
                                       f"{FORMAT_VERSION} (got format={ckpt.get('format')!r})")
     diffs = _diff(ckpt.get("config"), fingerprint)
     if model_config is not None and ckpt.get("model_config") is not None:
-        diffs += ["model." + d for d in _diff(ckpt["model_config"], model_config)]
+        # op backends change speed, not results: a run may resume on another backend
+        diffs += ["model." + d for d in _diff(ckpt["model_config"], model_config)
+                  if not d.split(":")[0].endswith("backend")]
     if diffs:
         shown = "\n  ".join(diffs[:12]) + ("\n  ..." if len(diffs) > 12 else "")
         raise CheckpointMismatchError(

@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="regionmed-demo", help="folder for data, runs and report")
     p.add_argument("--config", default="demo", help="stage file or shipped name (default demo)")
     p.add_argument("--n", type=int, default=1600, help="synthetic images (train + test)")
-    p.add_argument("--size", type=int, default=64, help="stored image side in pixels")
+    p.add_argument("--size", type=int, default=128, help="stored image side in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every stage's steps (e.g. 0.1 for a smoke run)")

@@ -69,6 +69,8 @@ def build_model(cfg: RunConfig):
     from regionmed_fast.model import create_model_and_transforms, get_tokenizer
 
     kwargs = dict(cfg.model_args)
+    if cfg.backend != "auto":  # the ROI processor's op follows the run's backend choice
+        kwargs["roi"] = {**kwargs.get("roi", {}), "backend": cfg.backend}
     if cfg.baseline == "global":
         kwargs["use_roi"] = False
     model = create_model_and_transforms(cfg.model, **kwargs)[0]
@@ -168,6 +170,8 @@ class Trainer:
         self.cache_images = cache_images
         self._readers: dict[int, SampleReader] = {}
         self.optimizer = self._make_optimizer()
+        # the loss op has no "cuda" backend of its own (its GPU kernels are Triton)
+        self._loss_backend = "auto" if cfg.backend == "cuda" else cfg.backend
         self._loss_shared = [p for n, p in self.model.named_parameters()
                              if n in ("logit_scale", "logit_bias")]
         self.amp_dtype = self._amp_dtype()
@@ -373,7 +377,7 @@ class Trainer:
                         out = net(self._inputs(batch, with_regions))
                     bad = nonfinite_outputs(out)
                     if not bad:
-                        loss, parts = compute_losses(out, batch, stage, backend=cfg.backend,
+                        loss, parts = compute_losses(out, batch, stage, backend=self._loss_backend,
                                                      chunk_size=cfg.loss_chunk_size, group=self.dist.group)
                         value = float(loss.detach())
                     else:
