@@ -266,7 +266,7 @@ def _check_ids(v, name: str, n: int, device: torch.device) -> torch.Tensor:
 def _tile(chunk_size, backend: str, n: int, m: int, itemsize: int):
     if chunk_size is None:
         if backend == "cpu" and n * m * 4 <= CPU_SINGLE_TILE_BYTES:
-            return (n, m)
+            return (-(-n // max(1, torch.get_num_threads())), m)  # one row block per thread
         return loss_cpu.DEFAULT_TILE if backend == "cpu" else None
     if isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
         chunk_size = (chunk_size, chunk_size)
