@@ -45,6 +45,11 @@ def _autotune_enabled() -> bool:
     return not _interpret() and os.environ.get("REGIONMED_TRITON_AUTOTUNE", "1") != "0"
 
 
+# Runtime scalars are not specialised on their value (== 1, % 16): each distinct pattern would
+# be another compilation, and shape fuzzing on a GPU would spend minutes compiling.
+_NO_SPECIALIZE = ["sampling_ratio", "aligned", "C", "H", "W", "s_b", "s_c", "s_y", "s_x"]
+
+
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Tune only problems big enough for the choice to matter: small ones (tests, fuzzing) take
     the first config, which saves a benchmark pass and three compilations per shape."""
@@ -158,6 +163,24 @@ def _axis_weights(start, bin_sz, grid, p_idx, pix, size):
     return acc
 
 
+@triton.jit
+def _map_ptrs(base_ptr, boff, i, j, cc, s_c, s_y, s_x, CL: tl.constexpr, VEC: tl.constexpr):
+    """Pointers [BLOCK_C, BLOCK_J] to channels ``cc`` of pixels (i, j) of the image at element
+    offset ``boff``. Strides are runtime values (not specialised, which keeps the number of
+    compiled variants small); the layout says which axis has stride 1, and ``VEC`` (NHWC with
+    C % 16 == 0) tells the compiler that pixel offsets are multiples of 16 elements so that the
+    loads along C are vectorised."""
+    if CL:
+        pix = boff + i * s_y + j.to(tl.int64) * s_x
+        if VEC:
+            pix = tl.multiple_of(pix, 16)
+        p = base_ptr + pix[None, :] + cc[:, None]
+    else:
+        chan = boff + i * s_y + cc.to(tl.int64) * s_c
+        p = base_ptr + chan[:, None] + j[None, :]
+    return p
+
+
 # ----------------------------------------------------------------------------- roi_align
 
 def _align_fwd_configs():
@@ -166,11 +189,11 @@ def _align_fwd_configs():
 
 @triton.autotune(configs=_align_fwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"],
                  prune_configs_by=_PRUNE)
-@triton.jit(do_not_specialize=["sampling_ratio", "aligned", "H", "W"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampling_ratio, aligned,
                           C, H, W, s_b, s_c, s_y, s_x,
                           PH: tl.constexpr, PW: tl.constexpr, CL: tl.constexpr,
-                           ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
+                          VEC: tl.constexpr, ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
                           BLOCK_PW: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
@@ -185,7 +208,7 @@ def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampl
     cmask = cc < C
     ph_f = ph.to(ACC)
     pw_f = pw.to(ACC)
-    feat_b = feat_ptr + b.to(tl.int64) * s_b
+    boff = b.to(tl.int64) * s_b
     acc = tl.zeros([BLOCK_C, BLOCK_PH, BLOCK_PW], dtype=ACC)
     r0, r1 = _support(start_h, bin_h, grid_h, PH, H)
     c0, c1 = _support(start_w, bin_w, grid_w, PW, W)
@@ -200,7 +223,7 @@ def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampl
             ay = tl.where(ph < PH, ay, 0.0)
             # A zero-weight row is masked rather than branched over: straight-line loop body.
             live = jmask & ((colw * tl.sum(ay, axis=0)) > 0.0)
-            ptrs = feat_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+            ptrs = _map_ptrs(feat_ptr, boff, i, j, cc, s_c, s_y, s_x, CL, VEC)
             f = tl.load(ptrs, mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
             t = tl.sum(f[:, None, :] * ax[None, :, :], axis=2)                 # [C, PW]
             acc += t[:, None, :] * ay[None, :, None]
@@ -218,12 +241,12 @@ def _align_bwd_configs():
 @triton.autotune(configs=_align_bwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"],
                  prune_configs_by=_PRUNE,
                  reset_to_zero=["gfeat_ptr"])
-@triton.jit(do_not_specialize=["sampling_ratio", "aligned", "H", "W"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sampling_ratio,
                           aligned,
                           C, H, W, s_b, s_c, s_y, s_x,
                           PH: tl.constexpr, PW: tl.constexpr, CL: tl.constexpr,
-                           ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
+                          VEC: tl.constexpr, ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
                           BLOCK_PW: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
@@ -243,7 +266,7 @@ def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sam
     gptrs = g_base + cc[:, None, None] * (PH * PW) + ph[None, :, None] * PW + pw[None, None, :]
     gmask = cmask[:, None, None] & (ph < PH)[None, :, None] & (pw < PW)[None, None, :]
     g = tl.load(gptrs, mask=gmask, other=0.0).to(ACC) / count
-    gf_b = gfeat_ptr + b.to(tl.int64) * s_b
+    boff = b.to(tl.int64) * s_b
     r0, r1 = _support(start_h, bin_h, grid_h, PH, H)
     c0, c1 = _support(start_w, bin_w, grid_w, PW, W)
     for j0 in range(c0, c1 + 1, BLOCK_J):
@@ -258,16 +281,17 @@ def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sam
             live = jmask & ((colw * tl.sum(ay, axis=0)) > 0.0)
             u = tl.sum(g * ay[None, :, None], axis=1)                          # [C, PW]
             d = tl.sum(u[:, :, None] * ax[None, :, :], axis=1)                 # [C, J]
-            ptrs = gf_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+            ptrs = _map_ptrs(gfeat_ptr, boff, i, j, cc, s_c, s_y, s_x, CL, VEC)
             tl.atomic_add(ptrs, d, mask=cmask[:, None] & live[None, :], sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- roi_pool_fuse
 
 @triton.jit
-def _region_sum(feat_b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, cc, cmask, H, W,
-                s_c, s_y, s_x, S: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr,
-                BLOCK_C: tl.constexpr, ACC: tl.constexpr):
+def _region_sum(feat_ptr, boff, start_h, start_w, bin_h, bin_w, grid_h, grid_w, cc, cmask, H, W,
+                s_c, s_y, s_x, S: tl.constexpr, CL: tl.constexpr, VEC: tl.constexpr,
+                BLOCK_S: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+                ACC: tl.constexpr):
     """sum over the roi's pixels of wy[i] * wx[j] * F[i, j, c] for one channel block, where
     wy / wx are the row / column weights summed over all bins and samples."""
     hf = H * 1.0
@@ -286,7 +310,7 @@ def _region_sum(feat_b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, cc, cmas
         for i in range(r0, r1 + 1):
             ay = _axis_weights(start_h, bin_h, grid_h, sb_f, i, hf)
             wy = tl.sum(tl.where(sb < S, ay, 0.0), axis=0)
-            ptrs = feat_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+            ptrs = _map_ptrs(feat_ptr, boff, i, j, cc, s_c, s_y, s_x, CL, VEC)
             live = jmask & ((wx * wy) > 0.0)
             f = tl.load(ptrs, mask=cmask[:, None] & live[None, :], other=0.0).to(ACC)
             acc += f * (wy * wx)[None, :]
@@ -299,25 +323,25 @@ def _fuse_fwd_configs():
 
 @triton.autotune(configs=_fuse_fwd_configs(), key=["C", "H", "W", "S", "CL"],
                  prune_configs_by=_PRUNE)
-@triton.jit(do_not_specialize=["sampling_ratio", "aligned", "H", "W"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _roi_pool_fuse_fwd_kernel(feat_ptr, rois_ptr, glob_ptr, wgt_ptr, bias_ptr, z_ptr, r_ptr,
                               a_ptr, scale_hi, scale_lo, sampling_ratio, aligned, C, H, W,
                               s_b, s_c, s_y, s_x, S: tl.constexpr, CL: tl.constexpr,
-                               ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                              VEC: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                               BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
         rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, S, S, ACC)
     norm = count * (S * S)
-    feat_b = feat_ptr + b.to(tl.int64) * s_b
+    boff = b.to(tl.int64) * s_b
     glob_b = glob_ptr + b.to(tl.int64) * C
     r_k = r_ptr + k.to(tl.int64) * C
     logit = tl.load(bias_ptr).to(ACC)
     for c_start in range(0, C, BLOCK_C):
         cc = c_start + tl.arange(0, BLOCK_C)
         cmask = cc < C
-        r = _region_sum(feat_b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, cc, cmask, H, W,
-                        s_c, s_y, s_x, S, BLOCK_S, BLOCK_J, BLOCK_C, ACC) / norm
+        r = _region_sum(feat_ptr, boff, start_h, start_w, bin_h, bin_w, grid_h, grid_w, cc, cmask,
+                        H, W, s_c, s_y, s_x, S, CL, VEC, BLOCK_S, BLOCK_J, BLOCK_C, ACC) / norm
         g = tl.load(glob_b + cc, mask=cmask, other=0.0).to(ACC)
         w0 = tl.load(wgt_ptr + cc, mask=cmask, other=0.0).to(ACC)
         w1 = tl.load(wgt_ptr + C + cc, mask=cmask, other=0.0).to(ACC)
@@ -343,12 +367,12 @@ def _fuse_bwd_configs():
 @triton.autotune(configs=_fuse_bwd_configs(), key=["C", "H", "W", "S", "CL"],
                  prune_configs_by=_PRUNE,
                  reset_to_zero=["gfeat_ptr", "gglob_ptr", "gw_ptr", "gb_ptr"])
-@triton.jit(do_not_specialize=["sampling_ratio", "aligned", "H", "W"])
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
                               gfeat_ptr, gglob_ptr, gw_ptr, gb_ptr,
                               scale_hi, scale_lo, sampling_ratio, aligned, C, H, W,
                               s_b, s_c, s_y, s_x, S: tl.constexpr, CL: tl.constexpr,
-                               ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                              VEC: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                               BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
@@ -390,7 +414,7 @@ def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
     sb = tl.arange(0, BLOCK_S)
     sb_f = sb.to(ACC)
     jj = tl.arange(0, BLOCK_J)
-    gf_b = gfeat_ptr + b.to(tl.int64) * s_b
+    boff = b.to(tl.int64) * s_b
     r0, r1 = _support(start_h, bin_h, grid_h, S, H)
     c0, c1 = _support(start_w, bin_w, grid_w, S, W)
     for j0 in range(c0, c1 + 1, BLOCK_J):
@@ -401,7 +425,7 @@ def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
         for i in range(r0, r1 + 1):
             ay = _axis_weights(start_h, bin_h, grid_h, sb_f, i, hf)
             wy = tl.sum(tl.where(sb < S, ay, 0.0), axis=0)
-            ptrs = gf_b + i * s_y + j[None, :] * s_x + cc[:, None] * s_c
+            ptrs = _map_ptrs(gfeat_ptr, boff, i, j, cc, s_c, s_y, s_x, CL, VEC)
             live = jmask & ((wx * wy) > 0.0)
             tl.atomic_add(ptrs, dr[:, None] * (wy * wx)[None, :],
                           mask=cmask[:, None] & live[None, :], sem="relaxed")
@@ -456,6 +480,11 @@ def _strides(B: int, C: int, H: int, W: int, channels_last: bool) -> tuple[int, 
     return C * H * W, H * W, W, 1
 
 
+def _vec(C: int, channels_last: bool) -> bool:
+    """NHWC with C % 16 == 0: every pixel offset is a multiple of 16 elements."""
+    return bool(channels_last and C % 16 == 0)
+
+
 def _block_j(W: int) -> int:
     # Columns per load. Fixed on a GPU (masks cover narrow maps) so that the map width does not
     # multiply the compiled variants; the interpreter pays per op, so it takes whole rows.
@@ -495,6 +524,7 @@ def roi_align_forward(features: torch.Tensor, rois: torch.Tensor, spatial_scale:
             features, rois, out, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
             s_b, s_c, s_y, s_x,
             PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
+                VEC=_vec(C, channels_last),
             ACC=_tl_acc(features.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
             BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
     return out
@@ -525,6 +555,7 @@ def roi_align_backward(grad: torch.Tensor, rois: torch.Tensor, spatial_scale: fl
                 grad, rois, gfeat, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
                 s_b, s_c, s_y, s_x,
                 PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
+                VEC=_vec(C, channels_last),
                 ACC=_tl_acc(grad.dtype), BLOCK_PH=triton.next_power_of_2(pooled_h),
                 BLOCK_PW=triton.next_power_of_2(pooled_w), BLOCK_J=_block_j(W))
     return gfeat if gfeat.dtype == grad.dtype else gfeat.to(grad.dtype)
@@ -571,7 +602,7 @@ def roi_pool_fuse_forward(features: torch.Tensor, rois: torch.Tensor, global_fea
             features, rois, global_feat, gate_weight, gate_bias, z, r, a, s_hi, s_lo,
             int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x,
             S=int(output_size),
-            CL=bool(channels_last), ACC=_tl_acc(features.dtype),
+            CL=bool(channels_last), VEC=_vec(C, channels_last), ACC=_tl_acc(features.dtype),
             BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
     return z, r, a
 
@@ -616,7 +647,7 @@ def roi_pool_fuse_backward(grad_z: torch.Tensor, rois: torch.Tensor, global_feat
                 grad_z, rois, global_feat, gate_weight, r, a, gfeat, gglob, gw, gb, s_hi, s_lo,
                 int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x,
                 S=int(output_size),
-                CL=bool(channels_last), ACC=_tl_acc(grad_z.dtype),
+                CL=bool(channels_last), VEC=_vec(C, channels_last), ACC=_tl_acc(grad_z.dtype),
                 BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
     return (gfeat.to(grad_z.dtype), gglob.to(global_feat.dtype), gw.to(gate_weight.dtype),
             gb.to(gate_weight.dtype))
