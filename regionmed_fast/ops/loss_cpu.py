@@ -19,6 +19,7 @@ compared with, and works in float32 (float64 for float64 inputs). ``t_ij = scale
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 DEFAULT_TILE = (256, 1024)
 
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
@@ -39,12 +41,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
-    global _pool
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None or _pool._max_workers != workers:
-            if _pool is not None:
+        # a forked child (e.g. a DataLoader worker) inherits the pool object but not its threads
+        if _pool is None or _pool._max_workers != workers or _pool_pid != os.getpid():
+            if _pool is not None and _pool_pid == os.getpid():
                 _pool.shutdown(wait=False)
             _pool = ThreadPoolExecutor(workers, thread_name_prefix="regionmed-loss")
+            _pool_pid = os.getpid()
         return _pool
 
 
