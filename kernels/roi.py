@@ -62,7 +62,8 @@ _PRUNE = {"early_config_prune": _prune_small}
 
 
 def _configs(gpu: list[tuple[int, int]], interp_block_c: int) -> list[triton.Config]:
-    """Autotune candidates ``(BLOCK_C, num_warps)``; a single config when not tuning."""
+    """Autotune candidates ``(BLOCK_C, num_warps)``; a single config when not tuning. Kept to
+    two per kernel: each costs a compilation and a timing pass on the first call per shape."""
     if _interpret():
         return [triton.Config({"BLOCK_C": interp_block_c}, num_warps=1)]
     cands = gpu if _autotune_enabled() else gpu[:1]
@@ -184,7 +185,7 @@ def _map_ptrs(base_ptr, boff, i, j, cc, s_c, s_y, s_x, CL: tl.constexpr, VEC: tl
 # ----------------------------------------------------------------------------- roi_align
 
 def _align_fwd_configs():
-    return _configs([(32, 4), (64, 4), (16, 2), (64, 8)], interp_block_c=32)
+    return _configs([(32, 4), (64, 8)], interp_block_c=32)
 
 
 @triton.autotune(configs=_align_fwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"],
@@ -235,7 +236,7 @@ def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampl
 
 
 def _align_bwd_configs():
-    return _configs([(32, 4), (64, 4), (16, 2), (64, 8)], interp_block_c=32)
+    return _configs([(32, 4), (64, 8)], interp_block_c=32)
 
 
 @triton.autotune(configs=_align_bwd_configs(), key=["C", "H", "W", "PH", "PW", "CL"],
@@ -318,7 +319,7 @@ def _region_sum(feat_ptr, boff, start_h, start_w, bin_h, bin_w, grid_h, grid_w, 
 
 
 def _fuse_fwd_configs():
-    return _configs([(128, 4), (64, 4), (256, 8), (128, 8)], interp_block_c=64)
+    return _configs([(128, 4), (256, 8)], interp_block_c=64)
 
 
 @triton.autotune(configs=_fuse_fwd_configs(), key=["C", "H", "W", "S", "CL"],
@@ -361,7 +362,7 @@ def _roi_pool_fuse_fwd_kernel(feat_ptr, rois_ptr, glob_ptr, wgt_ptr, bias_ptr, z
 
 
 def _fuse_bwd_configs():
-    return _configs([(128, 4), (64, 4), (64, 2), (256, 8)], interp_block_c=64)
+    return _configs([(128, 4), (256, 8)], interp_block_c=64)
 
 
 @triton.autotune(configs=_fuse_bwd_configs(), key=["C", "H", "W", "S", "CL"],
