@@ -8,8 +8,9 @@ features, the global feature and the gate), with peak memory.
 
 Shapes: ViT-B/16 at 224 px (B=32, C=768, 14x14 NHWC tokens, 8 boxes per image, S=7,
 sampling_ratio=2, spatial_scale=1/16) and a CNN stage (B=8, C=256, 56x56 NCHW, spatial_scale=1/4).
-Peak memory on the CPU is the resident-set peak with glibc's mmap threshold pinned (the script
-re-executes itself with MALLOC_MMAP_THRESHOLD_ set), so each large tensor shows up.
+Peak memory on the CPU is the resident-set peak measured in a child process with glibc's mmap
+threshold pinned (MALLOC_MMAP_THRESHOLD_), so that each large tensor shows up; times are taken
+in the parent with the default allocator.
 Floor: the bytes that must move (read the features once; with backward also write their
 gradient once) at the memory bandwidth measured in the same run by a copy.
 
@@ -17,6 +18,7 @@ gradient once) at the memory bandwidth measured in the same run by a copy.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -143,24 +145,30 @@ def align_cases(*, B, C, H, W, per_image, S, sr, image, device, backends):
     return cases, {group: "torchvision"}
 
 
-def _exact_cpu_peaks() -> None:
-    """Re-exec with glibc's mmap threshold pinned, so that every large tensor gets fresh pages
-    and the runner's resident-set peak counts it (glibc otherwise raises the threshold after the
-    first free and recycles heap pages, hiding later allocations from VmHWM)."""
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and argv_is_script():
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(256 << 10)
-        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+def cpu_peaks_in_child(argv: list[str]) -> dict[str, float]:
+    """Peak memory of every case, measured in a child process that runs with glibc's mmap
+    threshold pinned: every large tensor then gets fresh pages and the resident-set peak counts
+    it (glibc otherwise raises the threshold after the first free and recycles heap pages,
+    hiding later allocations). Timing stays in this process, with the default allocator
+    behaviour, because fresh pages cost page faults on every call."""
+    import json
+    import subprocess
+    import tempfile
 
-
-def argv_is_script() -> bool:
-    return bool(sys.argv) and os.path.abspath(sys.argv[0]) == os.path.abspath(__file__)
+    with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(256 << 10))
+        subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--memory-only", fh.name],
+                       env=env, check=True)
+        with open(fh.name) as rf:
+            return json.load(rf)
 
 
 def main(argv: list[str] | None = None) -> int:
-    _exact_cpu_peaks()
     p = runner.common_args(__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
-    args = p.parse_args(argv)
+    p.add_argument("--memory-only", default=None, metavar="JSON", help=argparse.SUPPRESS)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(raw)
     device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -191,8 +199,25 @@ def main(argv: list[str] | None = None) -> int:
     cases += c
     baselines.update(bl)
     repeats = 3 if args.quick else args.repeats
+    if args.memory_only:
+        import json
+
+        peaks = {f"{c.group}|{c.name}": runner.peak_memory_mb(c.fn, c.device) for c in cases}
+        with open(args.memory_only, "w") as fh:
+            json.dump(peaks, fh)
+        return 0
+    on_cpu = device == "cpu"
     results = runner.run_cases(cases, warmup=1, repeats=repeats, max_seconds=10 if args.quick else 30,
-                               baselines=baselines, floors=floors)
+                               baselines=baselines, floors=floors, memory=not on_cpu)
+    if on_cpu:
+        peaks = cpu_peaks_in_child(raw)
+        for r in results:
+            r.peak_mem_mb = peaks.get(f"{r.group}|{r.name}", float("nan"))
+        base = {g: next((r for r in results if r.group == g and r.name == n), None) for g, n in baselines.items()}
+        for r in results:
+            b = base.get(r.group)
+            if b is not None and b.peak_mem_mb > 0 and r.peak_mem_mb == r.peak_mem_mb:
+                r.ratios[f"memory vs {b.name}"] = r.peak_mem_mb / b.peak_mem_mb
     extra = {"bandwidth_gbs": gbs, "skipped_backends": skipped, "quick": args.quick,
              "load_avg": os.getloadavg()}
     json_path, md_path = runner.save("roi", results, extra, out_dir=args.out)

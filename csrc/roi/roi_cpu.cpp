@@ -27,6 +27,24 @@ namespace {
 
 using at::Tensor;
 
+// Work (multiply-adds) below which a loop stays on the calling thread: waking a second thread
+// costs more than it saves on small problems, and on a loaded machine a descheduled thread
+// stalls every barrier.
+constexpr double kParallelMinWork = 1 << 17;
+
+// Grain for at::parallel_for over `n` items that cost `work` multiply-adds in total.
+inline int64_t grain_for(int64_t n, double work) {
+  if (n <= 1 || work < kParallelMinWork) return std::max<int64_t>(n, 1);
+  return std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(n) * (kParallelMinWork / 2) / work));
+}
+
+template <typename T>
+size_t total_taps(const std::vector<std::vector<T>>& taps) {
+  size_t n = 0;
+  for (const auto& t : taps) n += t.size();
+  return n;
+}
+
 template <typename T>
 struct Tap {
   int32_t idx;  // y * W + x inside one image plane
@@ -155,7 +173,7 @@ RoiTaps<T> build_taps(const T* rois, int64_t K, T scale, int64_t PH, int64_t PW,
   out.batch.resize(K);
   out.taps.resize(K);
   out.offsets.resize(K);
-  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K, grain_for(K, 16.0 * K * PH * PW), [&](int64_t begin, int64_t end) {
     Merger<T> m(H * W);
     const T bin_scale = whole_roi ? T(1) / static_cast<T>(PH * PW) : T(1);
     for (int64_t k = begin; k < end; ++k) {
@@ -211,7 +229,7 @@ template <typename T>
 std::vector<SepRoi<T>> build_separable(const T* rois, int64_t K, T scale, int64_t S, int64_t sr,
                                        bool aligned, int64_t B, int64_t H, int64_t W) {
   std::vector<SepRoi<T>> out(K);
-  at::parallel_for(0, K, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K, grain_for(K, 16.0 * K * S), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const Geom<T> g = make_geom(rois + k * 5, scale, S, S, sr, aligned, B);
       SepRoi<T>& s = out[k];
@@ -284,8 +302,7 @@ Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, doubl
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t nb = PH * PW, HW = H * W;
     const T scale = static_cast<T>(spatial_scale);
-    const int64_t grain = std::max<int64_t>(1, 256 / C);
-    at::parallel_for(0, K * nb, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, K * nb, grain_for(K * nb, 16.0 * K * nb * C), [&](int64_t begin, int64_t end) {
       Merger<T> m(HW);
       std::vector<Tap<T>> taps;
       std::vector<T> acc(channels_last ? C : 0);
@@ -333,7 +350,8 @@ template <typename T, typename GRow>
 void scatter_taps_nhwc(const RoiTaps<T>& rt, int64_t K, int64_t nb, int64_t C, int64_t HW,
                        T* __restrict__ gf, GRow grow) {
   const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, nblk, 1, [&](int64_t begin, int64_t end) {
+  const double work = static_cast<double>(total_taps(rt.taps)) * C;
+  at::parallel_for(0, nblk, grain_for(nblk, work), [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t c0 = blk * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
       for (int64_t k = 0; k < K; ++k) {
@@ -383,7 +401,8 @@ Tensor roi_align_backward(const Tensor& grad_in, const Tensor& rois_in, double s
       // NCHW visits one channel at a time: read [K, C, nb] directly, strided by nb per channel.
       const Tensor gc = grad_in.to(acc).contiguous();
       const T* gcp = gc.const_data_ptr<T>();
-      at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+      const double work = static_cast<double>(total_taps(rt.taps)) * C;
+      at::parallel_for(0, C, grain_for(C, work), [&](int64_t begin, int64_t end) {
         T* gfp = gf.mutable_data_ptr<T>();
         for (int64_t c = begin; c < end; ++c) {
           for (int64_t k = 0; k < K; ++k) {
@@ -449,7 +468,13 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
     T* rp = r.mutable_data_ptr<T>();
     const int64_t HW = H * W;
     const int64_t nblk = (C + kChannelBlock - 1) / kChannelBlock;
-    at::parallel_for(0, K * nblk, 1, [&](int64_t begin, int64_t end) {
+    double support = 0;  // pixels read per channel, over all rois
+    if (channels_last) {
+      support = static_cast<double>(total_taps(rt.taps));
+    } else {
+      for (const auto& e : sep) support += static_cast<double>((e.y1 - e.y0) * (e.x1 - e.x0));
+    }
+    at::parallel_for(0, K * nblk, grain_for(K * nblk, support * C), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t k = i / nblk, c0 = (i % nblk) * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
         const scalar_t* fb = f + batch_of[k] * C * HW;
@@ -483,7 +508,7 @@ _Pragma("omp simd reduction(+ : t)")
     const T b0 = bias.const_data_ptr<T>()[0];
     T* ap = a.mutable_data_ptr<T>();
     scalar_t* zp = z.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, K, grain_for(K, 4.0 * K * C), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         const T* rk = rp + k * C;
         const T* gk = gp + batch_of[k] * C;
@@ -546,7 +571,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
       std::vector<T> ds(K);
       Tensor grad_r = at::empty({K, C}, gz.options());
       T* grp = grad_r.mutable_data_ptr<T>();
-      at::parallel_for(0, K, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, K, grain_for(K, 4.0 * K * C), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           const T* gzk = gzp + k * C;
           const T* rk = rp + k * C;
@@ -562,7 +587,7 @@ _Pragma("omp simd reduction(+ : da)")
       });
       T* ggp = g_global.mutable_data_ptr<T>();
       T* gwp = g_weight.mutable_data_ptr<T>();
-      at::parallel_for(0, C, 64, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, C, std::max<int64_t>(64, grain_for(C, 3.0 * K * C)), [&](int64_t begin, int64_t end) {
         for (int64_t k = 0; k < K; ++k) {  // rois in order: the scatter-add is deterministic
           const T ak = ap[k], d = ds[k];
           const T* gzk = gzp + k * C;
@@ -585,7 +610,9 @@ _Pragma("omp simd reduction(+ : da)")
       } else {
         T* gfp = gf.mutable_data_ptr<T>();
         const int64_t HW = H * W;
-        at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+        double support = 0;
+        for (const auto& e : sep) support += static_cast<double>((e.y1 - e.y0) * (e.x1 - e.x0));
+        at::parallel_for(0, C, grain_for(C, support * C), [&](int64_t begin, int64_t end) {
           for (int64_t c = begin; c < end; ++c) {
             for (int64_t k = 0; k < K; ++k) {  // rois in order: deterministic
               const T g = grp[k * C + c];
