@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 
 import torch
 import triton
@@ -467,11 +468,14 @@ def _check_rois(rois: torch.Tensor, device: torch.device) -> torch.Tensor:
     return rois
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def _split_scale(spatial_scale: float, dtype: torch.dtype) -> tuple[float, float]:
-    hi = float(torch.tensor(spatial_scale, dtype=torch.float32).item())
-    if dtype != torch.float64:
-        return hi, 0.0
-    return hi, float(torch.tensor(float(spatial_scale) - hi, dtype=torch.float32).item())
+    """The scale as float32 hi (+ lo for float64 kernels, whose float args arrive as float32)."""
+    hi = _f32(float(spatial_scale))
+    return (hi, _f32(float(spatial_scale) - hi)) if dtype == torch.float64 else (hi, 0.0)
 
 
 def _strides(B: int, C: int, H: int, W: int, channels_last: bool) -> tuple[int, int, int, int]:
