@@ -302,40 +302,48 @@ Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, doubl
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t nb = PH * PW, HW = H * W;
     const T scale = static_cast<T>(spatial_scale);
-    at::parallel_for(0, K * nb, grain_for(K * nb, 16.0 * K * nb * C), [&](int64_t begin, int64_t end) {
+    // One roi per step: its bins are accumulated first ([nb, C] for NHWC) so that the
+    // [K, C, PH, PW] output is written contiguously, channel by channel.
+    at::parallel_for(0, K, grain_for(K, 16.0 * K * nb * C), [&](int64_t begin, int64_t end) {
       Merger<T> m(HW);
       std::vector<Tap<T>> taps;
-      std::vector<T> acc(channels_last ? C : 0);
-      Geom<T> g{};
-      int64_t last_k = -1;
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t k = i / nb, bin = i % nb;
-        if (k != last_k) {
-          g = make_geom(r + k * 5, scale, PH, PW, sampling_ratio, aligned, B);
-          last_k = k;
-        }
+      std::vector<int32_t> offs;
+      std::vector<T> acc(channels_last ? nb * C : 0);
+      for (int64_t k = begin; k < end; ++k) {
+        const Geom<T> g = make_geom(r + k * 5, scale, PH, PW, sampling_ratio, aligned, B);
         taps.clear();
-        add_bin(g, bin / PW, bin % PW, H, W, T(1), m);
-        m.flush(taps);
+        offs.assign(1, 0);
+        for (int64_t bin = 0; bin < nb; ++bin) {
+          add_bin(g, bin / PW, bin % PW, H, W, T(1), m);
+          m.flush(taps);
+          offs.push_back(static_cast<int32_t>(taps.size()));
+        }
         const scalar_t* fb = f + g.batch * C * HW;
-        scalar_t* ok = o + k * C * nb + bin;
+        scalar_t* ok = o + k * C * nb;
         if (channels_last) {
           std::fill(acc.begin(), acc.end(), T(0));
-          T* __restrict__ a = acc.data();
-          for (const auto& t : taps) {
-            const scalar_t* __restrict__ p = fb + static_cast<int64_t>(t.idx) * C;
-            for (int64_t c = 0; c < C; ++c) a[c] += t.w * static_cast<T>(p[c]);
+          for (int64_t bin = 0; bin < nb; ++bin) {
+            T* __restrict__ a = acc.data() + bin * C;
+            for (int32_t j = offs[bin]; j < offs[bin + 1]; ++j) {
+              const T w = taps[j].w;
+              const scalar_t* __restrict__ p = fb + static_cast<int64_t>(taps[j].idx) * C;
+              for (int64_t c = 0; c < C; ++c) a[c] += w * static_cast<T>(p[c]);
+            }
           }
-          for (int64_t c = 0; c < C; ++c) ok[c * nb] = static_cast<scalar_t>(a[c]);
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t bin = 0; bin < nb; ++bin) ok[c * nb + bin] = static_cast<scalar_t>(acc[bin * C + c]);
+          }
         } else {
+          const Tap<T>* tp = taps.data();
           for (int64_t c = 0; c < C; ++c) {
             const scalar_t* p = fb + c * HW;
-            T s = T(0);
-            const Tap<T>* tp = taps.data();
-            const int64_t nt = static_cast<int64_t>(taps.size());
+            for (int64_t bin = 0; bin < nb; ++bin) {
+              T s = T(0);
+              const int32_t j0 = offs[bin], j1 = offs[bin + 1];
 _Pragma("omp simd reduction(+ : s)")
-            for (int64_t j = 0; j < nt; ++j) s += tp[j].w * static_cast<T>(p[tp[j].idx]);
-            ok[c * nb] = static_cast<scalar_t>(s);
+              for (int32_t j = j0; j < j1; ++j) s += tp[j].w * static_cast<T>(p[tp[j].idx]);
+              ok[c * nb + bin] = static_cast<scalar_t>(s);
+            }
           }
         }
       }
