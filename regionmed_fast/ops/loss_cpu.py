@@ -52,19 +52,23 @@ def _executor(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _over_row_blocks(n: int, rows: int, work: Callable[[int, int, dict], None]) -> list[dict]:
-    """Run ``work(r0, r1, state)`` for every block of ``rows`` rows; one ``state`` per worker."""
+def _over_row_blocks(n: int, rows: int, work: Callable[[int, int, dict], None],
+                     first: dict | None = None) -> list[dict]:
+    """Run ``work(r0, r1, state)`` for every block of ``rows`` rows; one ``state`` per worker.
+
+    The first worker starts from ``first`` (the caller's output accumulators: one copy fewer).
+    """
     blocks = list(range(0, n, rows))
     workers = min(torch.get_num_threads(), len(blocks))
     if workers <= 1 or not blocks:
-        state: dict = {}
+        state: dict = first if first is not None else {}
         for r0 in blocks:
             work(r0, min(r0 + rows, n), state)
         return [state]
 
     def loop(w: int) -> dict:
         torch.set_num_threads(1)  # this worker's ops run single-threaded
-        state: dict = {}
+        state: dict = first if (w == 0 and first is not None) else {}
         # grad mode is per thread: the caller's no_grad (autograd.Function.forward) does not
         # reach the workers. Static round-robin: the sums, hence the result, do not vary.
         with torch.no_grad():
@@ -81,15 +85,23 @@ def _over_row_blocks(n: int, rows: int, work: Callable[[int, int, dict], None]) 
         torch.set_num_threads(prev)
 
 
+def _acc(state: dict, key: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``state[key]``, created by ``make`` on first use (not ``setdefault``: that allocates every time)."""
+    if key not in state:
+        state[key] = make()
+    return state[key]
+
+
 def _buffers(state: dict, tile: tuple[int, int], cd: torch.dtype, device, count: int) -> list[torch.Tensor]:
     if "bufs" not in state:
         state["bufs"] = [torch.empty(tile[0] * tile[1], dtype=cd, device=device) for _ in range(count)]
     return state["bufs"]
 
 
-def _tile_logits(xs, yc, r0, r1, c0, c1, buf) -> torch.Tensor:
-    shape = (r1 - r0, c1 - c0)
-    return torch.mm(xs[r0:r1], yc[c0:c1].T, out=buf[: shape[0] * shape[1]].view(shape))
+def _tile_logits(xc, yc, sc: float, r0, r1, c0, c1, buf) -> torch.Tensor:
+    """``sc * x[r0:r1] @ y[c0:c1].T`` into ``buf``; the GEMM applies the scale (alpha) for free."""
+    t = buf[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+    return t.addmm_(xc[r0:r1], yc[c0:c1].T, beta=0, alpha=sc)
 
 
 def _lse(t: torch.Tensor, buf: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,11 +117,11 @@ def _masked_lse(v: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _prepare(x, y, scale, tile):
+    # no scaled copy of x: the scale rides on the GEMMs' alpha (one [N, D] buffer less)
     cd = compute_dtype(x.dtype)
-    xs = x.to(cd) * scale.to(cd)
-    yc = y.to(cd)
-    n, m = xs.shape[0], yc.shape[0]
-    return cd, xs, yc, n, m, (min(tile[0], n), min(tile[1], m))
+    xc, yc = x.to(cd), y.to(cd)
+    n, m = xc.shape[0], yc.shape[0]
+    return cd, xc, yc, float(scale), n, m, (min(tile[0], n), min(tile[1], m))
 
 
 def softmax_stats(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, gi: torch.Tensor | None,
@@ -121,16 +133,16 @@ def softmax_stats(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, gi: tor
     ``[3, .]`` = LSE over positives of ``t``, over negatives of ``(1+beta) t`` and of ``beta t``
     (``gi [n]``, ``gt [M]`` are group ids; equal ids are positives).
     """
-    cd, xs, yc, n, m, tile = _prepare(x, y, scale, tile)
+    cd, xc, yc, sc, n, m, tile = _prepare(x, y, scale, tile)
     k = 1 if beta == 0.0 else 3
-    rows = torch.full((k, n), float("-inf"), dtype=cd, device=xs.device)
+    rows = torch.full((k, n), float("-inf"), dtype=cd, device=xc.device)
 
     def work(r0: int, r1: int, st: dict) -> None:
-        tbuf, ebuf = _buffers(st, tile, cd, xs.device, 2)
-        cols = st.setdefault("cols", torch.full((k, m), float("-inf"), dtype=cd, device=xs.device))
+        tbuf, ebuf = _buffers(st, tile, cd, xc.device, 2)
+        cols = _acc(st, "cols", lambda: torch.full((k, m), float("-inf"), dtype=cd, device=xc.device))
         for c0 in range(0, m, tile[1]):
             c1 = min(c0 + tile[1], m)
-            t = _tile_logits(xs, yc, r0, r1, c0, c1, tbuf)
+            t = _tile_logits(xc, yc, sc, r0, r1, c0, c1, tbuf)
             if k == 1:
                 torch.logaddexp(rows[0, r0:r1], _lse(t, ebuf, 1), out=rows[0, r0:r1])
                 torch.logaddexp(cols[0, c0:c1], _lse(t, ebuf, 0), out=cols[0, c0:c1])
@@ -141,10 +153,10 @@ def softmax_stats(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, gi: tor
                 torch.logaddexp(rows[i, r0:r1], _masked_lse(v, keep, 1), out=rows[i, r0:r1])
                 torch.logaddexp(cols[i, c0:c1], _masked_lse(v, keep, 0), out=cols[i, c0:c1])
 
-    states = _over_row_blocks(n, tile[0], work)
-    cols = states[0]["cols"]
-    for st in states[1:]:
-        torch.logaddexp(cols, st["cols"], out=cols)
+    cols = torch.full((k, m), float("-inf"), dtype=cd, device=xc.device)
+    for st in _over_row_blocks(n, tile[0], work, first={"cols": cols})[1:]:
+        if "cols" in st:
+            torch.logaddexp(cols, st["cols"], out=cols)
     return rows, cols
 
 
@@ -158,17 +170,17 @@ def softmax_grads(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, gi: tor
     ``beta > 0``: on positives ``exp(t - s0)``, on negatives
     ``(1+beta) exp((1+beta) t - s1) - beta exp(beta t - s2)``, per row plus per column.
     """
-    cd, xs, yc, n, m, tile = _prepare(x, y, scale, tile)
+    cd, xc, yc, sc, n, m, tile = _prepare(x, y, scale, tile)
     d = yc.shape[1]
-    gx = torch.zeros(n, d, dtype=cd, device=xs.device)
+    gx = torch.zeros(n, d, dtype=cd, device=xc.device)
     rs, cs = row_shift.to(cd), col_shift.to(cd)
 
     def work(r0: int, r1: int, st: dict) -> None:
-        tbuf, gbuf = _buffers(st, tile, cd, xs.device, 2)
-        gy = st.setdefault("gy", torch.zeros(m, d, dtype=cd, device=xs.device))
+        tbuf, gbuf = _buffers(st, tile, cd, xc.device, 2)
+        gy = _acc(st, "gy", lambda: torch.zeros(m, d, dtype=cd, device=xc.device))
         for c0 in range(0, m, tile[1]):
             c1 = min(c0 + tile[1], m)
-            t = _tile_logits(xs, yc, r0, r1, c0, c1, tbuf)
+            t = _tile_logits(xc, yc, sc, r0, r1, c0, c1, tbuf)
             g = gbuf[: t.numel()].view_as(t)
             if beta == 0.0:
                 torch.sub(t, rs[0, r0:r1, None], out=g).exp_()
@@ -181,54 +193,55 @@ def softmax_grads(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, gi: tor
                     on_neg = (1.0 + beta) * torch.exp((1.0 + beta) * t - sh[1]) - beta * torch.exp(beta * t - sh[2])
                     g.add_(torch.where(pos, on_pos, on_neg))
             gx[r0:r1].addmm_(g, yc[c0:c1])
-            gy[c0:c1].addmm_(g.T, xs[r0:r1])
+            gy[c0:c1].addmm_(g.T, xc[r0:r1], alpha=sc)
 
-    states = _over_row_blocks(n, tile[0], work)
-    gy = states[0]["gy"]
-    for st in states[1:]:
-        gy += st["gy"]
+    gy = torch.zeros(m, d, dtype=cd, device=xc.device)
+    for st in _over_row_blocks(n, tile[0], work, first={"gy": gy})[1:]:
+        if "gy" in st:
+            gy += st["gy"]
     return gx, gy
 
 
 def sigmoid_sum(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                 tile: tuple[int, int]) -> torch.Tensor:
     """``sum_ij softplus(t_ij + bias)`` over these rows and all columns (0-d)."""
-    cd, xs, yc, n, m, tile = _prepare(x, y, scale, tile)
+    cd, xc, yc, sc, n, m, tile = _prepare(x, y, scale, tile)
     b = bias.to(cd)
 
     def work(r0: int, r1: int, st: dict) -> None:
-        (tbuf,) = _buffers(st, tile, cd, xs.device, 1)
-        total = st.setdefault("total", torch.zeros((), dtype=cd, device=xs.device))
+        (tbuf,) = _buffers(st, tile, cd, xc.device, 1)
+        total = _acc(st, "total", lambda: torch.zeros((), dtype=cd, device=xc.device))
         for c0 in range(0, m, tile[1]):
-            t = _tile_logits(xs, yc, r0, r1, c0, min(c0 + tile[1], m), tbuf)
+            t = _tile_logits(xc, yc, sc, r0, r1, c0, min(c0 + tile[1], m), tbuf)
             total += F.softplus(t.add_(b)).sum()
 
-    return sum(st["total"] for st in _over_row_blocks(n, tile[0], work))
+    return sum(st["total"] for st in _over_row_blocks(n, tile[0], work) if "total" in st)
 
 
 def sigmoid_grads(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                   coef: float, tile: tuple[int, int]
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(G @ y, G.T @ (scale x), sum G)`` for ``G = coef * sigmoid(t + bias)``."""
-    cd, xs, yc, n, m, tile = _prepare(x, y, scale, tile)
+    cd, xc, yc, sc, n, m, tile = _prepare(x, y, scale, tile)
     b = bias.to(cd)
     d = yc.shape[1]
-    gx = torch.zeros(n, d, dtype=cd, device=xs.device)
+    gx = torch.zeros(n, d, dtype=cd, device=xc.device)
 
     def work(r0: int, r1: int, st: dict) -> None:
-        (tbuf,) = _buffers(st, tile, cd, xs.device, 1)
-        gy = st.setdefault("gy", torch.zeros(m, d, dtype=cd, device=xs.device))
-        gsum = st.setdefault("gsum", torch.zeros((), dtype=cd, device=xs.device))
+        (tbuf,) = _buffers(st, tile, cd, xc.device, 1)
+        gy = _acc(st, "gy", lambda: torch.zeros(m, d, dtype=cd, device=xc.device))
+        gsum = _acc(st, "gsum", lambda: torch.zeros((), dtype=cd, device=xc.device))
         for c0 in range(0, m, tile[1]):
             c1 = min(c0 + tile[1], m)
-            g = _tile_logits(xs, yc, r0, r1, c0, c1, tbuf).add_(b).sigmoid_().mul_(coef)
+            g = _tile_logits(xc, yc, sc, r0, r1, c0, c1, tbuf).add_(b).sigmoid_().mul_(coef)
             gsum += g.sum()
             gx[r0:r1].addmm_(g, yc[c0:c1])
-            gy[c0:c1].addmm_(g.T, xs[r0:r1])
+            gy[c0:c1].addmm_(g.T, xc[r0:r1], alpha=sc)
 
-    states = _over_row_blocks(n, tile[0], work)
-    gy, gsum = states[0]["gy"], states[0]["gsum"]
-    for st in states[1:]:
-        gy += st["gy"]
-        gsum += st["gsum"]
+    gy = torch.zeros(m, d, dtype=cd, device=xc.device)
+    gsum = torch.zeros((), dtype=cd, device=xc.device)
+    for st in _over_row_blocks(n, tile[0], work, first={"gy": gy, "gsum": gsum})[1:]:
+        if "gy" in st:
+            gy += st["gy"]
+            gsum += st["gsum"]
     return gx, gy, gsum
