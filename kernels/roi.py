@@ -320,7 +320,8 @@ def _region_sum(feat_ptr, boff, start_h, start_w, bin_h, bin_w, grid_h, grid_w, 
 
 
 def _fuse_fwd_configs():
-    return _configs([(128, 4), (256, 8)], interp_block_c=64)
+    # One program per roi walks all of C: wide blocks shorten its serial chain of row loads.
+    return _configs([(256, 8), (128, 4), (512, 16)], interp_block_c=64)
 
 
 @triton.autotune(configs=_fuse_fwd_configs(), key=["C", "H", "W", "S", "CL"],
