@@ -207,7 +207,8 @@ FUZZ_BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.gp
 
 
 @pytest.mark.parametrize("name", FUZZ_BACKENDS)
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Fewer examples where a GPU runs the fuzzing: the GPU check shares one short time budget.
+@settings(max_examples=20 if torch.cuda.is_available() else 30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(p=_problem())
 def test_fuzzed_boxes(name, p):
     dev = _device(name)
