@@ -94,7 +94,7 @@ class Step:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 def encoders_step(model, device: str, amp):
@@ -111,7 +111,7 @@ def encoders_step(model, device: str, amp):
             total = pooled.float().sum() + grid.float().sum() + t.float().sum()
         total.backward()
         model.zero_grad(set_to_none=True)
-        return float(total)
+        return float(total.detach())
     return run
 
 
@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     enc_model = build(spec, "auto", device)[0]
     cases.append(runner.Case("encoders", cycle(encoders_step(enc_model, device, amp)), group="train_step",
                              device=device, meta={"batch": batch, "limit": True}))
-    warm = 1 if not args.quick else 1
-    results = runner.run_cases(cases, warmup=warm, repeats=args.repeats if not args.quick else 3,
+    results = runner.run_cases(cases, warmup=1, repeats=min(args.repeats, 3) if args.quick else args.repeats,
                                max_seconds=60 if not args.quick else 20,
                                baselines={"train_step": "reference"})
     by = {r.name: r for r in results}
