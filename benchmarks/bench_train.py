@@ -162,10 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     cases = []
     steps = {}
     variants = [("fused", "auto", False), ("reference", "reference", False)]
-    if not args.no_compile:
+    # --quick skips torch.compile: a cold compile of the whole model costs minutes on 2 CPU cores
+    # and about a minute on a GPU, more than the quick suite's budget per benchmark
+    if not args.no_compile and not args.quick:
         variants += [("fused+compile", "auto", True), ("reference+compile", "reference", True)]
-        if args.quick and not cuda:
-            variants = variants[:3]  # a cold compile of the reference path costs ~a minute on 2 cores
     for name, backend, comp in variants:
         steps[name] = Step(models[backend][0] if not comp else build(spec, backend, device)[0],
                            backend, device, amp, comp)
