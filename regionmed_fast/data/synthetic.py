@@ -81,11 +81,11 @@ class Finding:
     location: str
     detail: str = ""
 
-    def record(self, modality: str, side: int, rng: np.random.Generator) -> dict:
+    def record(self, modality: str, side: int) -> dict:
         size_mm = self.size_px * FOV_MM[modality] / side
         return {
             "bbox": [round(v, 2) for v in self.bbox],
-            "text": _region_text(self, modality, size_mm, rng),
+            "text": _region_text(self, modality, size_mm),
             "label": self.kind,
             "kind": self.kind,
             "location": self.location,
@@ -375,7 +375,7 @@ def _a(mm: str) -> str:
     return "an" if mm.startswith("8") or mm.split(".")[0] in ("11", "18") else "a"
 
 
-def _region_text(f: Finding, modality: str, size_mm: float, rng: np.random.Generator) -> str:
+def _region_text(f: Finding, modality: str, size_mm: float) -> str:
     mm = _fmt_mm(size_mm)
     a = _a(mm)
     if f.kind == "effusion":
@@ -444,7 +444,7 @@ def make_example(index: int, size: int = 128, seed: int = 0,
     else:
         rgb, findings = _derm(size, rng)
     findings.sort(key=lambda f: (f.bbox[1], f.bbox[0]))
-    regions = [f.record(modality, size, rng) for f in findings]
+    regions = [f.record(modality, size) for f in findings]
     labels = sorted({r["label"] for r in regions}) or [NORMAL]
     rec = {
         "width": size, "height": size,
