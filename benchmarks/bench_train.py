@@ -183,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     enc_model = build(spec, "auto", device)[0]
     cases.append(runner.Case("encoders", cycle(encoders_step(enc_model, device, amp)), group="train_step",
                              device=device, meta={"batch": batch, "limit": True}))
+    # warm every case before timing any: the first case measured otherwise pays for the
+    # allocator's growth and thread-pool start-up that the later ones inherit
+    for c in cases:
+        try:
+            c.fn()
+        except Exception:
+            pass  # run_cases reports the error
     results = runner.run_cases(cases, warmup=1, repeats=min(args.repeats, 3) if args.quick else args.repeats,
                                max_seconds=60 if not args.quick else 20,
                                baselines={"train_step": "reference"})
