@@ -160,7 +160,7 @@ def train_and_eval(args, data_dir: pathlib.Path, out: pathlib.Path, variant: str
     return res
 
 
-# the numbers of the table: (row label, path in the results dict, which image embedding)
+# the rows of the table: metric name -> value of one run (baselines indented in parentheses)
 def _metrics(res: dict) -> dict[str, float]:
     out: dict[str, float] = {}
     r = res.get("retrieval", {})
