@@ -53,6 +53,16 @@ def _inf_cl():
         from inf_cl import cal_inf_loss
     except Exception as exc:  # not installed, or no GPU build
         return None, f"{type(exc).__name__}: {exc}"
+    import tempfile
+
+    import torch.distributed as dist
+
+    # inf_cl's backward all-reduces over the default group even on one GPU: give it a
+    # one-process group (its loss is then the single-GPU Inf-CL loss).
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{tempfile.mktemp()}", rank=0,
+                                world_size=1)
 
     def loss(x, y, scale):
         # inf_cl computes one direction per call; CLIP's loss is the mean of both

@@ -61,7 +61,8 @@ fi
 $PY -m regionmed_fast.info
 
 step "GPU tests (pytest -m gpu)"
-timeout ${GPU_TEST_TIMEOUT:-180} $PY -m pytest -q -m gpu tests -p no:cacheprovider -o addopts="" -rs \
+# GPU_TEST_ARGS narrows the run (e.g. "tests/test_roi.py -k triton") when re-checking a fix
+timeout ${GPU_TEST_TIMEOUT:-180} $PY -m pytest -q -m gpu ${GPU_TEST_ARGS:-tests} -p no:cacheprovider -o addopts="" -rs \
   >"$OUT/pytest_gpu.log" 2>&1
 echo "pytest exit $?"
 tail -25 "$OUT/pytest_gpu.log"
