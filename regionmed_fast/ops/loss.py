@@ -18,6 +18,7 @@ per-group sums of the embeddings (O((N + M) D)), so multi-positives cost nothing
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,11 @@ def _pos_cols(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, x: torch.Ten
     return out
 
 
+def _threading(spec: _Spec):
+    # cpu backend: parallel over tiles only (see loss_cpu.threads_as_workers)
+    return loss_cpu.threads_as_workers() if spec.engine is loss_cpu else contextlib.nullcontext()
+
+
 class _ClipLossFn(torch.autograd.Function):
     """Loss = pairwise part (engine, tile by tile) - positive part (closed form, O((N+M) D)).
 
@@ -145,6 +151,16 @@ class _ClipLossFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, scale, bias, spec: _Spec):
+        with _threading(spec):
+            return _ClipLossFn._forward(ctx, x, y, scale, bias, spec)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        with _threading(ctx.spec):
+            return _ClipLossFn._backward(ctx, grad_out)
+
+    @staticmethod
+    def _forward(ctx, x, y, scale, bias, spec: _Spec):
         comm, eng = spec.comm, spec.engine
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         yg = comm.gather(y)
@@ -188,7 +204,7 @@ class _ClipLossFn(torch.autograd.Function):
         return loss
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def _backward(ctx, grad_out):
         x, y, yg, scale, bias = ctx.saved_tensors
         spec = ctx.spec
         comm, eng = spec.comm, spec.engine
