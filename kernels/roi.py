@@ -260,32 +260,38 @@ def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sam
     hf = H * 1.0
     wf = W * 1.0
     ph = tl.arange(0, BLOCK_PH)
-    pw = tl.arange(0, BLOCK_PW)
     jj = tl.arange(0, BLOCK_J)
     cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cc < C
     ph_f = ph.to(ACC)
-    pw_f = pw.to(ACC)
-    # The roi's output gradient for this channel block stays in registers: [C, PH, PW].
+    # The value handed to tl.atomic_add must not come out of a reduction over an axis of a 3-D
+    # register tensor: on triton 3.6 (H200, compiled) such a SliceLayout is replicated across the
+    # threads that held the reduced axis, every replica issues the atomic and the gradient comes
+    # back 2x/8x. So `d` [C, J] is built only from 1-D factors broadcast into 2-D (as the fused
+    # backward does): one grad column [C, PH] per bin column pw, reduced over PH with `ay`.
     g_base = grad_ptr + k.to(tl.int64) * C * PH * PW
-    gptrs = g_base + cc[:, None, None] * (PH * PW) + ph[None, :, None] * PW + pw[None, None, :]
-    gmask = cmask[:, None, None] & (ph < PH)[None, :, None] & (pw < PW)[None, None, :]
-    g = tl.load(gptrs, mask=gmask, other=0.0).to(ACC) / count
+    g_rows = g_base + cc[:, None] * (PH * PW) + ph[None, :] * PW                 # [C, PH]
+    gmask = cmask[:, None] & (ph < PH)[None, :]
     boff = b.to(tl.int64) * s_b
     r0, r1 = _support(start_h, bin_h, grid_h, PH, H)
     c0, c1 = _support(start_w, bin_w, grid_w, PW, W)
     for j0 in range(c0, c1 + 1, BLOCK_J):
         j = j0 + jj
-        ax = _axis_weights(start_w, bin_w, grid_w, pw_f[:, None], j[None, :], wf)      # [PW, J]
-        ax = tl.where((pw < PW)[:, None], ax, 0.0)
-        colw = tl.sum(ax, axis=0)                                             # [J]
+        colw = tl.zeros([BLOCK_J], dtype=ACC)                                 # [J]
+        for pw in tl.static_range(PW):
+            colw += _axis_weights(start_w, bin_w, grid_w, tl.full([], pw, ACC), j, wf)
         jmask = (j <= c1) & (colw > 0.0)
         for i in range(r0, r1 + 1):
             ay = _axis_weights(start_h, bin_h, grid_h, ph_f, i, hf)           # [PH]
             ay = tl.where(ph < PH, ay, 0.0)
             live = jmask & ((colw * tl.sum(ay, axis=0)) > 0.0)
-            u = tl.sum(g * ay[None, :, None], axis=1)                          # [C, PW]
-            d = tl.sum(u[:, :, None] * ax[None, :, :], axis=1)                 # [C, J]
+            d = tl.zeros([BLOCK_C, BLOCK_J], dtype=ACC)                       # [C, J]
+            for pw in tl.static_range(PW):
+                # tiny reload (cached) of grad column pw rather than slicing a 3-D register tile
+                g = tl.load(g_rows + pw, mask=gmask, other=0.0).to(ACC) / count   # [C, PH]
+                u_pw = tl.sum(g * ay[None, :], axis=1)                        # [C]
+                ax_pw = _axis_weights(start_w, bin_w, grid_w, tl.full([], pw, ACC), j, wf)  # [J]
+                d += u_pw[:, None] * ax_pw[None, :]
             ptrs = _map_ptrs(gfeat_ptr, boff, i, j, cc, s_c, s_y, s_x, CL, VEC)
             tl.atomic_add(ptrs, d, mask=cmask[:, None] & live[None, :], sem="relaxed")
 
