@@ -28,6 +28,21 @@ import torch
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+def _pin_mmap_threshold() -> None:
+    # glibc raises its mmap threshold after large frees and then reuses freed heap pages, so a
+    # case that follows another would show no RSS growth; a fixed 128 KiB threshold makes every
+    # large tensor a fresh mapping that the peak-RSS measurement sees.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except Exception:
+        pass
+
+
+_pin_mmap_threshold()
+
+
 @dataclass
 class Case:
     """One thing to time. ``fn`` runs it once; ``setup`` (optional) builds fresh inputs per run.

@@ -240,9 +240,10 @@ def _align_bwd_configs():
     return _configs([(32, 4), (64, 8)], interp_block_c=32)
 
 
-# Backward kernels accumulate with atomics into their outputs, so they are never tuned: the
-# autotuner times candidates on the live buffers, and on the H200 (triton 3.6) the gradients came
-# back doubled (bench residue + the real launch). One config means no timing pass at all.
+# Backward kernels accumulate with atomics into their outputs, so they are not tuned: a timing
+# pass would run them on the live buffers and rely on reset_to_zero for correctness. One config
+# means no timing pass at all. (The doubled gradients first seen on the H200 were the replicated
+# atomic values described in the kernel below, not the tuner.)
 @triton.autotune(configs=_align_bwd_configs()[:1], key=["C", "H", "W", "PH", "PW", "CL"],
                  prune_configs_by=_PRUNE,
                  reset_to_zero=["gfeat_ptr"])
