@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-import importlib
+from regionmed_fast._lazy import lazy_getattr
 
 _EXPORTS = {
     "ChunkedClipLoss": "regionmed_fast.nn_loss",
@@ -15,8 +15,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'regionmed_fast.nn' has no attribute {name!r}")
+__getattr__ = lazy_getattr("regionmed_fast.nn", _EXPORTS)

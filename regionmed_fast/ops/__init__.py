@@ -9,7 +9,7 @@ another's.
 """
 from __future__ import annotations
 
-import importlib
+from regionmed_fast._lazy import lazy_getattr
 
 _EXPORTS = {
     "roi_align": "regionmed_fast.ops.roi",
@@ -19,8 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'regionmed_fast.ops' has no attribute {name!r}")
+__getattr__ = lazy_getattr("regionmed_fast.ops", _EXPORTS)

@@ -59,25 +59,29 @@ def status(backend: str, device: torch.device | str) -> str:
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 
-def resolve(op: str, backend: str, device: torch.device | str, supported: tuple[str, ...]) -> str:
+def resolve(op: str, backend: str, device: torch.device | str, supported: tuple[str, ...],
+            status_fn=None) -> str:
     """Map ``backend`` (possibly ``"auto"``) to a concrete backend of ``op`` for ``device``.
 
     ``supported`` lists the op's backends in ``auto`` preference order for GPUs; on the CPU
     ``auto`` prefers ``cpu`` then ``reference`` (the Triton interpreter is for testing only).
+    ``status_fn(backend, device)`` replaces :func:`status` for ops that check more (for example
+    that their compiled kernels are registered).
     """
     device = torch.device(device)
+    status_fn = status_fn or status
     if backend == "auto":
         order = ("cpu", "reference") if device.type == "cpu" else tuple(
             b for b in supported if b != "cpu")
         for cand in order:
-            if cand in supported and status(cand, device) == "":
+            if cand in supported and status_fn(cand, device) == "":
                 return cand
         return "reference"
     if backend not in supported:
         raise ValueError(f"{op}: backend={backend!r} is not one of {supported + ('auto',)}")
-    reason = status(backend, device)
+    reason = status_fn(backend, device)
     if reason:
-        raise RuntimeError(f"{op}: backend={backend!r} is not available: {reason}")
+        raise RuntimeError(f"{op}: backend={backend!r} is not available on {device}: {reason}")
     return backend
 
 

@@ -5,7 +5,7 @@ module gathers them so that ``from regionmed_fast.ops import reference`` reaches
 """
 from __future__ import annotations
 
-import importlib
+from regionmed_fast._lazy import lazy_getattr
 
 _EXPORTS = {
     "clip_loss_reference": "regionmed_fast.ops.loss_reference",
@@ -15,8 +15,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'regionmed_fast.ops.reference' has no attribute {name!r}")
+__getattr__ = lazy_getattr("regionmed_fast.ops.reference", _EXPORTS)

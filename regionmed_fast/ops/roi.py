@@ -86,15 +86,7 @@ def available_backends(device: torch.device | str) -> dict[str, str]:
 
 
 def _resolve(op: str, backend: str, device: torch.device) -> str:
-    if backend == "auto":
-        order = ("cpu", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
-        return next(b for b in order if _status(b, device) == "")
-    if backend not in _SUPPORTED:
-        raise ValueError(f"{op}: backend={backend!r} is not one of {_SUPPORTED + ('auto',)}")
-    reason = _status(backend, device)
-    if reason:
-        raise RuntimeError(f"{op}: backend={backend!r} is not available on {device}: {reason}")
-    return backend
+    return _backend.resolve(op, backend, device, _SUPPORTED, status_fn=_status)
 
 
 def _kernel(backend: str, name: str):
