@@ -130,7 +130,6 @@ def check_op(fn: Callable, ref: Callable, inputs: Sequence, *, grad: bool = True
         problems.append(mismatch_report(a, e, tol, f"{name} output[{i}]"))
     if grad:
         gen = torch.Generator().manual_seed(seed)
-        a_sum = a_zero = None
         pairs = [(a, e) for a, e in zip(a_outs, e_outs)
                  if isinstance(e, torch.Tensor) and e.requires_grad]
         if pairs:
@@ -153,7 +152,6 @@ def check_op(fn: Callable, ref: Callable, inputs: Sequence, *, grad: bool = True
                 tol = tol_for(dtype or ge.dtype, grad_atol if grad_atol is not None else atol,
                               grad_rtol if grad_rtol is not None else rtol)
                 problems.append(mismatch_report(ga, ge, tol, f"{name} grad of input[{i}]"))
-        del a_zero
     problems = [p for p in problems if p]
     if problems:
         raise AssertionError("\n".join(problems))
