@@ -261,6 +261,31 @@ std::vector<SepRoi<T>> build_separable(const T* rois, int64_t K, T scale, int64_
   return out;
 }
 
+// The fused op's per-roi weights, built once per call and shared by forward and backward:
+// merged (pixel, weight) taps for NHWC (contiguous channels), separable row x column weights
+// for NCHW (contiguous rows), and the image of each roi either way.
+template <typename T>
+struct FuseGeometry {
+  RoiTaps<T> taps;
+  std::vector<SepRoi<T>> sep;
+  std::vector<int64_t> batch;
+};
+
+template <typename T>
+FuseGeometry<T> build_fuse_geometry(const T* rois, int64_t K, T scale, int64_t S, int64_t sr,
+                                    bool aligned, int64_t B, int64_t H, int64_t W,
+                                    bool channels_last) {
+  FuseGeometry<T> geo;
+  if (channels_last) {
+    geo.taps = build_taps(rois, K, scale, S, S, sr, aligned, B, H, W, true);
+  } else {
+    geo.sep = build_separable(rois, K, scale, S, sr, aligned, B, H, W);
+  }
+  geo.batch.resize(K);
+  for (int64_t k = 0; k < K; ++k) geo.batch[k] = channels_last ? geo.taps.batch[k] : geo.sep[k].batch;
+  return geo;
+}
+
 at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -466,12 +491,11 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
     using T = at::opmath_type<scalar_t>;
     const T* rois_p = rois.const_data_ptr<T>();
     const T sc = static_cast<T>(spatial_scale);
-    const RoiTaps<T> rt = channels_last ? build_taps(rois_p, K, sc, S, S, sampling_ratio, aligned, B, H, W, true)
-                                        : RoiTaps<T>{};
-    const std::vector<SepRoi<T>> sep = channels_last ? std::vector<SepRoi<T>>{}
-                                                     : build_separable(rois_p, K, sc, S, sampling_ratio, aligned, B, H, W);
-    std::vector<int64_t> batch_of(K);
-    for (int64_t k = 0; k < K; ++k) batch_of[k] = channels_last ? rt.batch[k] : sep[k].batch;
+    const FuseGeometry<T> geo =
+        build_fuse_geometry(rois_p, K, sc, S, sampling_ratio, aligned, B, H, W, channels_last);
+    const RoiTaps<T>& rt = geo.taps;
+    const std::vector<SepRoi<T>>& sep = geo.sep;
+    const std::vector<int64_t>& batch_of = geo.batch;
     const scalar_t* f = features.const_data_ptr<scalar_t>();
     T* rp = r.mutable_data_ptr<T>();
     const int64_t HW = H * W;
@@ -563,12 +587,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
       using T = scalar_t;
       const T* rois_p = rois.const_data_ptr<T>();
       const T sc = static_cast<T>(spatial_scale);
-      const RoiTaps<T> rt = channels_last ? build_taps(rois_p, K, sc, S, S, sampling_ratio, aligned, B, H, W, true)
-                                          : RoiTaps<T>{};
-      const std::vector<SepRoi<T>> sep = channels_last ? std::vector<SepRoi<T>>{}
-                                                       : build_separable(rois_p, K, sc, S, sampling_ratio, aligned, B, H, W);
-      std::vector<int64_t> batch_of(K);
-      for (int64_t k = 0; k < K; ++k) batch_of[k] = channels_last ? rt.batch[k] : sep[k].batch;
+      const FuseGeometry<T> geo =
+          build_fuse_geometry(rois_p, K, sc, S, sampling_ratio, aligned, B, H, W, channels_last);
+      const RoiTaps<T>& rt = geo.taps;
+      const std::vector<SepRoi<T>>& sep = geo.sep;
+      const std::vector<int64_t>& batch_of = geo.batch;
       const T* gzp = gz.const_data_ptr<T>();
       const T* gp = gl.const_data_ptr<T>();
       const T* w0 = wt.const_data_ptr<T>();
