@@ -132,6 +132,10 @@ class _Dist:
         if self.owns_group:
             import torch.distributed as dist
 
+            # Our own reference to the group would keep it alive past destroy; then gloo's
+            # worker threads are torn down unjoined at interpreter exit and the rank aborts
+            # ("terminate called without an active exception").
+            self.group = None
             dist.destroy_process_group()
 
 
