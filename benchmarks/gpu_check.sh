@@ -6,6 +6,8 @@
 #   build.log       the extension build
 #   pytest_gpu.log  the GPU tests
 #   results.tgz     benchmarks/results-style JSON + Markdown + PNG of every benchmark
+#                   (unpack into benchmarks/results/, then `python benchmarks/run_all.py
+#                   --readme-only` puts the GPU tables into the README)
 # Sized to finish in under 8 minutes on an H100 (each step has its own time limit).
 # Python packages the machine lacks may be put as wheels in .whl/ (installed to /tmp/site).
 set -uo pipefail

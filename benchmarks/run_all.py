@@ -1,12 +1,15 @@
 """Run every benchmark (or a chosen subset) and gather the results in one place.
 
-    python benchmarks/run_all.py [--quick] [--only loss,roi,data,train] [--device cuda]
+    python benchmarks/run_all.py [--quick] [--only loss,roi,data,train] [--device cuda] [--readme]
+    python benchmarks/run_all.py --readme-only    # re-render README.md's tables from the results
 
 Each ``bench_<name>.py`` runs in its own process (so one failure or one allocator's state does
 not leak into the next), writes ``<out>/<machine-tag>-<name>.json`` through the shared runner,
 and this script then writes ``<out>/<machine-tag>.json`` (machine, versions, every figure),
 ``<out>/<machine-tag>.md`` (the tables, which the README's performance section is made from)
-and PNG plots of time and memory for each benchmark that swept a size.
+and PNG plots of time and memory for each benchmark that swept a size. With ``--readme`` the
+tables in README.md's performance section are then rendered again from every machine's results
+(``readme_perf.py``).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import readme_perf  # noqa: E402
 import runner  # noqa: E402
 
 BENCHES = ("loss", "roi", "data", "train")
@@ -70,8 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark before it is stopped")
+    p.add_argument("--readme", action="store_true", help="afterwards, re-render README.md's performance tables")
+    p.add_argument("--readme-only", action="store_true", help="only re-render README.md's tables; run nothing")
     args = p.parse_args(argv)
     out_dir = os.path.abspath(args.out or runner.RESULTS_DIR)
+    readme = os.path.join(os.path.dirname(HERE), "README.md")
+    if args.readme_only:
+        changed = readme_perf.update_readme(readme, out_dir)
+        print(f"{readme}: {'tables rendered again' if changed else 'already up to date'} from {out_dir}")
+        return 0
     os.makedirs(out_dir, exist_ok=True)
     tag = runner.machine_tag()
     chosen = [b.strip() for b in args.only.split(",") if b.strip()]
@@ -112,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(out_dir, f"{tag}.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     print(f"wrote {out_dir}/{tag}.json and {tag}.md")
+    if args.readme:
+        readme_perf.update_readme(readme, out_dir)
+        print(f"rendered the performance tables of {readme} again")
     return 0 if all(e["status"] == "ok" for e in summary["benches"].values()) else 1
 
 

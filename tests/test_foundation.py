@@ -64,3 +64,49 @@ def test_check_op_catches_wrong_gradient():
     testing.check_op(good, lambda t: t + t, [x])
     with pytest.raises(AssertionError, match="grad of input"):
         testing.check_op(Bad.apply, lambda t: t + t, [x])
+
+
+# ---------------------------------------------------------------- README performance tables
+def _readme_perf():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "readme_perf.py"
+    spec = importlib.util.spec_from_file_location("readme_perf", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod, path.parents[1]
+
+
+def test_readme_performance_tables_match_the_stored_results():
+    rp, repo = _readme_perf()
+    text = (repo / "README.md").read_text()
+    block = text.split(rp.BEGIN, 1)[1].split(rp.END, 1)[0]
+    assert block == "\n" + rp.render(str(repo / "benchmarks" / "results")), (
+        "README.md's performance tables differ from benchmarks/results: run "
+        "`python benchmarks/run_all.py --readme-only`")
+
+
+def test_readme_perf_renders_a_run_and_judges_its_goal(tmp_path):
+    import json
+
+    rp, _ = _readme_perf()
+    machine = {"tag": "cpu7-test", "platform": "Linux-x", "python": "3.11", "torch": "2.14.1", "cpus": 7,
+               "threads": 7}
+
+    def row(name, ms, mem, speed):
+        return {"name": name, "group": "fwd+bwd nhwc B=2 C=8 4x4 K=3 S=2 float32", "device": "cpu",
+                "median_ms": ms, "min_ms": ms, "max_ms": ms, "repeats": 3, "peak_mem_mb": mem, "meta": {},
+                "ratios": {"speedup vs torchvision": speed}, "error": ""}
+
+    payload = {"bench": "roi", "time": "2026-01-02T03:04:05+00:00", "machine": machine,
+               "results": [row("torchvision", 90.0, 8.0, 1.0), row("ours-cpu", 10.0, 2.0, 9.0)]}
+    (tmp_path / "cpu7-test-roi.json").write_text(json.dumps(payload))
+    out = rp.render(str(tmp_path))
+    assert "Machine `cpu7-test`" in out and "7 CPU cores" in out and "2026-01-02 03:04 UTC" in out
+    assert "`torchvision` 90.0 ms" in out and "**9.00x**" in out and "2.0 MiB (8.0 MiB)" in out
+    assert ">= 10x: **missed**" in out  # 9x misses the CPU ROI goal
+    with pytest.raises(ValueError, match="README.md: needs exactly one"):
+        rp.replace_block("no markers here", out)
+    doc = f"intro\n{rp.BEGIN}\nold\n{rp.END}\noutro\n"
+    assert rp.replace_block(doc, "new\n") == f"intro\n{rp.BEGIN}\nnew\n{rp.END}\noutro\n"
