@@ -135,8 +135,8 @@ def test_ddp_two_gloo_processes_equal_single_process(tmp_path, synth):
     one = subprocess.run([sys.executable, str(script), cfg, synth, str(tmp_path / "one")],
                          env=_env(), capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29577", str(script), cfg, synth, str(tmp_path / "two")],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                          str(script), cfg, synth, str(tmp_path / "two")],
                          env=_env(), capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     a = ckpt.load(str(tmp_path / "one" / "checkpoints" / "last.pt"))
