@@ -213,11 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         peaks = cpu_peaks_in_child(raw)
         for r in results:
             r.peak_mem_mb = peaks.get(f"{r.group}|{r.name}", float("nan"))
-        base = {g: next((r for r in results if r.group == g and r.name == n), None) for g, n in baselines.items()}
-        for r in results:
-            b = base.get(r.group)
-            if b is not None and b.peak_mem_mb > 0 and r.peak_mem_mb == r.peak_mem_mb:
-                r.ratios[f"memory vs {b.name}"] = r.peak_mem_mb / b.peak_mem_mb
+        runner.fill_ratios(results, baselines, floors)
     extra = {"bandwidth_gbs": gbs, "skipped_backends": skipped, "quick": args.quick,
              "load_avg": os.getloadavg()}
     json_path, md_path = runner.save("roi", results, extra, out_dir=args.out)

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# the key of a case's speed-up over baseline ``name`` is SPEEDUP_VS + name (readme_perf reads it back)
+SPEEDUP_VS = "speedup vs "
 
 
 def _pin_mmap_threshold() -> None:
@@ -187,6 +189,14 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 5, max_secon
                 print(f"  {case.group:<28} {case.name:<30} {res.median_ms:10.2f} ms "
                       f"(min {res.min_ms:.2f}, max {res.max_ms:.2f}, n={res.repeats})  "
                       f"peak +{res.peak_mem_mb:.1f} MiB", flush=True)
+    fill_ratios(results, baselines, floors)
+    return results
+
+
+def fill_ratios(results: list[Result], baselines: dict[str, str] | None = None,
+                floors: dict[str, float] | None = None) -> None:
+    """(Re)compute every result's ratios against its group's baselines and floor; call it again
+    after replacing ``peak_mem_mb`` (e.g. with peaks measured in a child process)."""
     by_group: dict[str, dict[str, Result]] = {}
     for r in results:
         by_group.setdefault(r.group, {})[r.name] = r
@@ -198,7 +208,7 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 5, max_secon
                 continue
             for r in members.values():
                 if not r.error and r.median_ms > 0:
-                    r.ratios[f"speedup vs {base_name}"] = base.median_ms / r.median_ms
+                    r.ratios[SPEEDUP_VS + base_name] = base.median_ms / r.median_ms
                     if base.peak_mem_mb > 0 and r.peak_mem_mb == r.peak_mem_mb:
                         r.ratios[f"memory vs {base_name}"] = r.peak_mem_mb / base.peak_mem_mb
         floor = (floors or {}).get(group)
@@ -206,7 +216,6 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 5, max_secon
             for r in members.values():
                 if not r.error and r.median_ms > 0:
                     r.ratios["time / floor"] = r.median_ms / floor
-    return results
 
 
 def markdown_table(results: list[Result], title: str = "") -> str:
