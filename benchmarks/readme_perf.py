@@ -143,7 +143,8 @@ def _table(kind: str, payload: dict) -> list[str]:
                 parts.append(f"**{sp:.2f}x**" if r["name"].startswith(("ours-auto", "ours-cpu", "ours-cuda",
                                                                          "fused")) else f"{sp:.2f}x")
             if "time / floor" in r.get("ratios", {}):
-                parts.append(f"{r['ratios']['time / floor']:.3g}x floor")
+                fl = r["ratios"]["time / floor"]
+                parts.append(f"{fl:.0f}x floor" if fl >= 100 else f"{fl:.3g}x floor")
             if "overhead vs encoders" in r.get("ratios", {}):
                 parts.append(f"overhead vs encoders {100 * r['ratios']['overhead vs encoders']:+.0f}%")
             ratio.append(", ".join(parts))
