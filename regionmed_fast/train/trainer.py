@@ -98,7 +98,17 @@ class _Dist:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if want_cuda else "gloo")
             self.owns_group = True
-        self.group = dist.group.WORLD if self.world > 1 else None
+
+    @property
+    def group(self):
+        """The default process group (None on one process). Looked up, not stored: a reference
+        kept here would hold the group alive past ``destroy_process_group`` and gloo's worker
+        threads would then be torn down unjoined at exit, aborting the rank."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        return dist.group.WORLD
 
     @property
     def main(self) -> bool:
@@ -132,10 +142,6 @@ class _Dist:
         if self.owns_group:
             import torch.distributed as dist
 
-            # Our own reference to the group would keep it alive past destroy; then gloo's
-            # worker threads are torn down unjoined at interpreter exit and the rank aborts
-            # ("terminate called without an active exception").
-            self.group = None
             dist.destroy_process_group()
 
 
