@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     avail = available_backends(device)
-    wanted = ["reference", "cpu"] if device == "cpu" else ["triton", "cuda"]
+    wanted = ["reference", "cpp"] if device == "cpu" else ["triton", "cuda"]
     backends = [b for b in wanted if avail[b] == "ok"]
     skipped = {b: avail[b] for b in wanted if avail[b] != "ok"}
     for b, why in skipped.items():

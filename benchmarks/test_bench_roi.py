@@ -39,7 +39,7 @@ def _fwd_bwd(fn, feats, glob, w, b, up):
     return torch.autograd.grad((z * up).sum(), leaves)
 
 
-@pytest.mark.parametrize("impl", ["torchvision", "reference", "cpu"])
+@pytest.mark.parametrize("impl", ["torchvision", "reference", "cpp"])
 def test_roi_pool_fuse_fwd_bwd(benchmark, problem, impl):
     pytest.importorskip("torchvision")
     feats, rois, glob, w, b, up = problem

@@ -24,7 +24,8 @@ def collect() -> dict:
         "extension_cuda_kernels": _ext.has_cuda_kernels(),
         "openmp_threads": mod.openmp_max_threads() if mod is not None else None,
         "triton_interpret": _backend.triton_interpret(),
-        "backends": {d: _backend.report(d) for d in devices},
+        "ops": {op: {**t.describe(), "status": {d: t.report(d) for d in devices}}
+                for op, t in _backend.all_tables().items()},
     }
     try:
         import triton
@@ -33,20 +34,24 @@ def collect() -> dict:
     except Exception as exc:  # pragma: no cover - depends on the install
         info["triton"] = f"missing ({exc})"
     if not torch.cuda.is_available():
-        info["backends"]["cuda"] = {"all": "no CUDA device visible to torch"}
+        info["cuda"] = "no CUDA device visible to torch: every op's cuda/triton backends are off"
     return info
 
 
 def main() -> None:
     info = collect()
-    backends = info.pop("backends")
+    ops = info.pop("ops")
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
-    for device, table in backends.items():
-        print(f"\nbackends on {device}:")
-        for name, why in table.items():
-            print(f"  {name:<10} {why}")
+    for op, table in ops.items():
+        aliases = ", ".join(f"{a} = {t}" for a, t in table["aliases"].items())
+        auto = "; ".join(f"on {d}: {' > '.join(v)}" for d, v in table["auto"].items())
+        print(f"\n{op}: auto {auto}" + (f"; aliases {aliases}" if aliases else ""))
+        for name, b in table["backends"].items():
+            print(f"  {name:<12} {b['provider']}")
+            for device, status in table["status"].items():
+                print(f"  {'':<12}   on {device}: {status[name]}")
 
 
 if __name__ == "__main__":

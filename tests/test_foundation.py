@@ -17,22 +17,62 @@ def test_extension_loads():
     assert mod.openmp_max_threads() >= 1
 
 
-def test_info_command_lists_backends():
-    out = subprocess.run([sys.executable, "-m", "regionmed_fast.info"], capture_output=True,
-                         text=True, check=True).stdout
-    for name in ("reference", "cpu", "triton", "cuda"):
-        assert name in out
+def test_info_command_prints_every_op_table_as_the_ops_resolve():
+    import json
+
+    from regionmed_fast.ops import loss as loss_mod
+    from regionmed_fast.ops import roi as roi_mod
+
+    out = subprocess.run([sys.executable, "-m", "regionmed_fast.cli", "info", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    ops = json.loads(out)["ops"]
+    assert set(ops) == {"roi", "chunked_clip_loss"}
+    for table in (roi_mod.BACKENDS, loss_mod.BACKENDS):
+        shown = ops[table.op]
+        assert shown["backends"].keys() == table.backends.keys()
+        assert shown["aliases"] == table.aliases
+        # what info says about the CPU is what the op itself decides (same process state:
+        # the subprocess saw the same extension and environment)
+        assert shown["status"]["cpu"] == table.report("cpu")
+    # the "cpu" alias means a different provider per op, and info says which
+    assert ops["roi"]["aliases"]["cpu"] == "cpp"
+    assert ops["chunked_clip_loss"]["aliases"]["cpu"] == "torch-tiled"
+    # the tiled loss needs no compiled extension: never reported unavailable on a CPU
+    assert ops["chunked_clip_loss"]["status"]["cpu"]["torch-tiled"] == "ok"
+    if _ext.has_cpu_kernels():
+        assert ops["roi"]["status"]["cpu"]["cpp"] == "ok"
 
 
-def test_resolve_auto_and_errors():
-    assert _backend.resolve("x", "auto", "cpu", ("reference", "cpu", "triton")) == "cpu"
-    assert _backend.resolve("x", "reference", "cpu", ("reference", "cpu")) == "reference"
-    with pytest.raises(ValueError, match="backend='cuda' is not one of"):
-        _backend.resolve("x", "cuda", "cpu", ("reference", "cpu"))
-    with pytest.raises(RuntimeError, match="cuda backend runs on CUDA tensors"):
-        _backend.resolve("x", "cuda", "cpu", ("reference", "cuda"))
-    with pytest.raises(ValueError, match="unknown backend"):
-        _backend.status("fast", "cpu")
+def _table():
+    def missing(device):
+        return "kernels not built"
+
+    return _backend.BackendTable(
+        "test_op",
+        [_backend.Backend("reference", "torch", ("cpu", "cuda")),
+         _backend.Backend("cpp", "C++", ("cpu",)),
+         _backend.Backend("fast", "C++", ("cpu",), missing),
+         _backend.Backend("cuda", "CUDA", ("cuda",))],
+        auto={"cpu": ("fast", "cpp", "reference"), "cuda": ("cuda", "reference")},
+        aliases={"cpu": "cpp"})
+
+
+def test_backend_table_resolves_auto_aliases_and_names_the_reason():
+    t = _table()
+    assert t.resolve("auto", "cpu") == "cpp"          # "fast" is unavailable: the next one
+    assert t.resolve("cpu", "cpu") == "cpp"           # the alias
+    assert t.resolve("reference", "cpu") == "reference"
+    with pytest.raises(ValueError, match="backend='triton' is not one of"):
+        t.resolve("triton", "cpu")
+    with pytest.raises(RuntimeError, match="kernels not built"):
+        t.resolve("fast", "cpu")
+    with pytest.raises(RuntimeError, match="runs on cuda tensors, got cpu"):
+        t.resolve("cuda", "cpu")
+    assert t.report("cpu") == {"reference": "ok", "cpp": "ok", "fast": "kernels not built",
+                               "cuda": "the cuda backend of test_op runs on cuda tensors, got cpu"}
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        _backend.BackendTable("bad", [_backend.Backend("reference", "torch", ("cpu",))],
+                              auto={"cpu": ("nope",)})
 
 
 def test_mismatch_report_names_worst_element():

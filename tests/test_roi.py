@@ -24,7 +24,7 @@ from regionmed_fast.ops.roi import available_backends  # noqa: E402
 from regionmed_fast.ops.roi_reference import roi_align_reference, roi_pool_fuse_reference  # noqa: E402
 from regionmed_fast.testing import assert_close, check_op  # noqa: E402
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("reference", "cpp", "triton", "cuda")
 # One fixed Triton config on a GPU too: the tests check results, not tuning (and stay short).
 os.environ.setdefault("REGIONMED_TRITON_AUTOTUNE", "0")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +154,7 @@ def test_reference_fuse_equals_torchvision_path():
              name="roi_pool_fuse_reference")
 
 
-@pytest.mark.parametrize("name", ["reference", "cpu"])
+@pytest.mark.parametrize("name", ["reference", "cpp"])
 def test_gradcheck_float64(name):
     if available_backends("cpu")[name] != "ok":
         pytest.skip(available_backends("cpu")[name])
@@ -202,7 +202,7 @@ def _problem(draw):
 
 
 # The Triton interpreter is too slow for many examples: Triton is fuzzed on a GPU only.
-FUZZ_BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.gpu),
+FUZZ_BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.gpu),
                  pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -261,7 +261,7 @@ def test_empty_boxes(backend):
     ([[0.5, 1.0, 1.0, 2.0, 3.0]], "batch index 0.5"),
     ([[0, float("nan"), 1.0, 2.0, 3.0]], "NaN"),
 ])
-@pytest.mark.parametrize("name", ["reference", "cpu"])
+@pytest.mark.parametrize("name", ["reference", "cpp"])
 def test_bad_boxes_raise(name, bad, match):
     feats = torch.randn(2, 3, 6, 6)
     with pytest.raises(ValueError, match=match):
@@ -343,8 +343,8 @@ def test_low_precision(backend, dtype):
 # ---------------------------------------------------------------- registration, compile, determinism
 
 def _cpu_only():
-    if available_backends("cpu")["cpu"] != "ok":
-        pytest.skip(available_backends("cpu")["cpu"])
+    if available_backends("cpu")["cpp"] != "ok":
+        pytest.skip(available_backends("cpu")["cpp"])
 
 
 def test_opcheck_registered_ops():
@@ -356,23 +356,23 @@ def test_opcheck_registered_ops():
         shape = (2, 5, 6, 3) if cl else (2, 3, 5, 6)
         feats = torch.randn(*shape, generator=gen, requires_grad=True)
         rois = _rois(4, 2, 5, 6, 1.0, gen)
-        torch.library.opcheck(roi_mod._roi_align_op, (feats, rois, 1.0, 2, 3, 2, True, cl, "cpu"))
+        torch.library.opcheck(roi_mod._roi_align_op, (feats, rois, 1.0, 2, 3, 2, True, cl, "cpp"))
         grad = torch.randn(4, 3, 2, 3, generator=gen)
-        torch.library.opcheck(roi_mod._roi_align_backward_op, (grad, rois, 1.0, 2, 3, 2, 3, 5, 6, 2, True, cl, "cpu"))
+        torch.library.opcheck(roi_mod._roi_align_backward_op, (grad, rois, 1.0, 2, 3, 2, 3, 5, 6, 2, True, cl, "cpp"))
         glob = torch.randn(2, 3, generator=gen, requires_grad=True)
         w = torch.randn(2, 3, generator=gen, requires_grad=True)
         b = torch.randn(1, generator=gen, requires_grad=True)
         # r and a are not differentiable outputs; their autograd check is done through z in the other tests.
-        torch.library.opcheck(roi_mod._roi_pool_fuse_op, (feats, rois, glob, w, b, 1.0, 2, -1, False, cl, "cpu"),
+        torch.library.opcheck(roi_mod._roi_pool_fuse_op, (feats, rois, glob, w, b, 1.0, 2, -1, False, cl, "cpp"),
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
         _, r, a = roi_mod._roi_pool_fuse_op(feats.detach(), rois, glob.detach(), w.detach(), b.detach(), 1.0, 2, -1,
-                                            False, cl, "cpu")
+                                            False, cl, "cpp")
         torch.library.opcheck(roi_mod._roi_pool_fuse_backward_op,
                               (torch.randn(4, 3, generator=gen), rois, glob.detach(), w.detach(), r, a, 1.0, 2, -1,
-                               False, cl, 2, 5, 6, "cpu"))
+                               False, cl, 2, 5, 6, "cpp"))
 
 
-@pytest.mark.parametrize("name", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu),
+@pytest.mark.parametrize("name", ["cpp", pytest.param("cuda", marks=pytest.mark.gpu),
                                   pytest.param("triton", marks=pytest.mark.gpu)])
 def test_torch_compile_fullgraph(name):
     dev = _device(name)
@@ -415,10 +415,10 @@ def test_cpu_backward_deterministic():
 
     def grads():
         f = feats.clone().requires_grad_(True)
-        z = roi_pool_fuse(f, rois, glob, w, b, 3, 1.0, -1, True, "nhwc", backend="cpu")
+        z = roi_pool_fuse(f, rois, glob, w, b, 3, 1.0, -1, True, "nhwc", backend="cpp")
         (gz,) = torch.autograd.grad((z * up).sum(), f)
         f2 = feats.clone().requires_grad_(True)
-        out = roi_align(f2, rois, 3, 1.0, -1, True, "nhwc", backend="cpu")
+        out = roi_align(f2, rois, 3, 1.0, -1, True, "nhwc", backend="cpp")
         (ga,) = torch.autograd.grad(out.sum(), f2)
         return gz, ga
 

@@ -29,10 +29,9 @@ from regionmed_fast.ops import _backend
 from regionmed_fast.ops import loss_cpu
 from regionmed_fast.ops.loss_reference import clip_loss_reference
 
-__all__ = ["chunked_clip_loss", "CPU_SINGLE_TILE_BYTES"]
+__all__ = ["chunked_clip_loss", "BACKENDS", "CPU_SINGLE_TILE_BYTES"]
 
 _OP = "chunked_clip_loss"
-_SUPPORTED = ("triton", "cpu", "reference")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: With ``chunk_size=None`` the cpu backend computes the logits as one tile up to this size (fp32)
 #: and in ``loss_cpu.DEFAULT_TILE`` tiles above: measured, tiles are as fast from 4096^2 on and
@@ -74,8 +73,33 @@ class _Spec:
     local_diag: bool        # positives=None in one process: text i is image i's only positive
 
 
+def _triton_check(device: torch.device) -> str:
+    reason = _backend.triton_device_status(device)
+    if reason:
+        return reason
+    try:
+        from regionmed_fast.kernels import loss as _  # noqa: F401
+    except Exception as exc:
+        return f"regionmed_fast.kernels.loss not importable: {type(exc).__name__}: {exc}"
+    return ""
+
+
+#: The loss's backends; ``cpu`` means ``torch-tiled`` (PyTorch GEMMs over logit tiles, which
+#: needs no compiled extension).
+BACKENDS = _backend.BackendTable(
+    _OP,
+    [_backend.Backend("reference", "plain PyTorch with the full logits (regionmed_fast/ops/loss_reference.py)",
+                      ("cpu", "cuda")),
+     _backend.Backend("torch-tiled", "PyTorch GEMMs over logit tiles, fused log-sum-exp passes "
+                      "(regionmed_fast/ops/loss_cpu.py)", ("cpu",)),
+     _backend.Backend("triton", "Triton kernels (kernels/loss.py)", ("cuda",), _triton_check)],
+    auto={"cpu": ("torch-tiled", "reference"), "cuda": ("triton", "reference")},
+    aliases={"cpu": "torch-tiled"},
+)
+
+
 def _engine(backend: str):
-    if backend == "cpu":
+    if backend == "torch-tiled":
         return loss_cpu
     from regionmed_fast.kernels import loss as triton_loss  # imports triton only when asked
 
@@ -281,22 +305,15 @@ def _check_ids(v, name: str, n: int, device: torch.device) -> torch.Tensor:
 
 def _tile(chunk_size, backend: str, n: int, m: int, itemsize: int):
     if chunk_size is None:
-        if backend == "cpu" and n * m * 4 <= CPU_SINGLE_TILE_BYTES:
+        if backend == "torch-tiled" and n * m * 4 <= CPU_SINGLE_TILE_BYTES:
             return (-(-n // max(1, torch.get_num_threads())), m)  # one row block per thread
-        return loss_cpu.DEFAULT_TILE if backend == "cpu" else None
+        return loss_cpu.DEFAULT_TILE if backend == "torch-tiled" else None
     if isinstance(chunk_size, int) and not isinstance(chunk_size, bool):
         chunk_size = (chunk_size, chunk_size)
     if (not isinstance(chunk_size, (tuple, list)) or len(chunk_size) != 2
             or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in chunk_size)):
         raise ValueError(f"{_OP}: chunk_size must be None, an int >= 1 or (rows, cols), got {chunk_size!r}")
     return tuple(chunk_size)
-
-
-def _pick_backend(backend: str, device: torch.device) -> str:
-    # The cpu backend is plain PyTorch: unlike the C++ ops it does not need regionmed_fast._C.
-    if device.type == "cpu" and backend in ("auto", "cpu"):
-        return "cpu"
-    return _backend.resolve(_OP, backend, device, _SUPPORTED)
 
 
 def chunked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale,
@@ -320,7 +337,8 @@ def chunked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_sca
             uses it as the rows of its backward buffer). ``None``: automatic.
         group: a ``torch.distributed`` process group; each rank passes its own shard (and its
             shard's ids) and gets the loss of the global batch with gradients for its shard.
-        backend: ``"auto"``, ``"cpu"``, ``"triton"`` or ``"reference"`` (full logits).
+        backend: ``"auto"``, ``"torch-tiled"`` (alias ``"cpu"``), ``"triton"`` or
+            ``"reference"`` (full logits); see :data:`BACKENDS`.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs): the loss, identical on every rank.
@@ -353,12 +371,10 @@ def chunked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_sca
             raise TypeError(f"{_OP}: positives must be None or (image_ids [N], text_ids [M])")
         positives = (_check_ids(positives[0], "positives[0] (image_ids)", n, device),
                      _check_ids(positives[1], "positives[1] (text_ids)", m, device))
-    if backend not in _backend.BACKENDS or backend == "cuda":
-        raise ValueError(f"{_OP}: backend must be one of {_SUPPORTED + ('auto',)}, got {backend!r}")
-    chosen = _pick_backend(backend, device)
+    chosen = BACKENDS.resolve(backend, device)
     if chosen == "reference":
         if group is not None:
-            raise ValueError(f"{_OP}: backend='reference' has no distributed path; use 'cpu' or 'triton'")
+            raise ValueError(f"{_OP}: backend='reference' has no distributed path; use 'torch-tiled' or 'triton'")
         return clip_loss_reference(image_emb, text_emb, scale, bias, positives=positives,
                                    hard_negative_beta=beta, kind=kind)
     tile = _tile(chunk_size, chosen, n, m, image_emb.element_size())

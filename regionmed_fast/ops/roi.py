@@ -1,9 +1,10 @@
 """Public ROI ops: :func:`roi_align` and :func:`roi_pool_fuse` with interchangeable backends.
 
-Backends: ``reference`` (plain PyTorch, :mod:`regionmed_fast.ops.roi_reference`), ``cpu``
-(C++/OpenMP, ``torch.ops.regionmed_fast_C``), ``cuda`` (CUDA C++, same ops on CUDA tensors),
-``triton`` (:mod:`regionmed_fast.kernels.roi`), ``auto`` (``cpu`` on CPU tensors; ``cuda`` then
-``triton`` on GPUs). The compiled and Triton kernels are wrapped as ``torch.library`` custom ops
+Backends (the table :data:`BACKENDS`, which ``regionmed-fast info`` prints): ``reference`` (plain
+PyTorch, :mod:`regionmed_fast.ops.roi_reference`), ``cpp`` (C++/OpenMP, ``torch.ops.regionmed_fast_C``;
+``cpu`` is its alias), ``cuda`` (CUDA C++, same ops on CUDA tensors), ``triton``
+(:mod:`regionmed_fast.kernels.roi`), ``auto`` (``cpp`` on CPU tensors; ``cuda`` then ``triton`` on
+GPUs). The compiled and Triton kernels are wrapped as ``torch.library`` custom ops
 in the ``regionmed_fast`` namespace, with fake kernels and autograd, so ``torch.compile(
 fullgraph=True)`` traces through them. Inputs are validated in eager mode (reversed corners,
 NaN boxes, batch indices out of range, shapes, dtypes, devices) with errors naming the argument.
@@ -19,15 +20,14 @@ from torch import Tensor
 from regionmed_fast.ops import _backend
 from regionmed_fast.ops.roi_reference import acc_dtype, as_rois, roi_align_reference, roi_pool_fuse_reference
 
-__all__ = ["roi_align", "roi_pool_fuse", "available_backends", "KERNEL_NAMES"]
+__all__ = ["roi_align", "roi_pool_fuse", "available_backends", "BACKENDS", "KERNEL_NAMES"]
 
 KERNEL_NAMES = ("roi_align_forward", "roi_align_backward", "roi_pool_fuse_forward", "roi_pool_fuse_backward")
-_SUPPORTED = ("cuda", "triton", "cpu", "reference")  # auto preference on GPUs: first available
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LAYOUTS = ("nchw", "nhwc")
 
 
-# ---------------------------------------------------------------- kernel lookup
+# ---------------------------------------------------------------- backends
 
 @functools.lru_cache(maxsize=None)
 def _compiled_status() -> str:
@@ -41,6 +41,20 @@ def _compiled_status() -> str:
     return f"regionmed_fast._C lacks ops {missing} (rebuild the extension)" if missing else ""
 
 
+def _compiled_check(key: str):
+    def check(device: torch.device) -> str:
+        reason = _compiled_status()
+        if reason:
+            return reason
+        missing = [n for n in KERNEL_NAMES
+                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"regionmed_fast_C::{n}", key)]
+        if missing and key == "CUDA":
+            return ("regionmed_fast._C was built without CUDA kernels (reinstall with FORCE_CUDA=1 "
+                    "or on a GPU machine)")
+        return f"regionmed_fast._C has no {key} kernel for {missing}" if missing else ""
+    return check
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_module_status() -> str:
     try:
@@ -51,42 +65,27 @@ def _triton_module_status() -> str:
     return f"regionmed_fast.kernels.roi lacks {missing}" if missing else ""
 
 
-_STATUS_MEMO: dict[tuple[str, str], str] = {}
+def _triton_check(device: torch.device) -> str:
+    return _backend.triton_device_status(device) or _triton_module_status()
 
 
-def _status(backend: str, device: torch.device) -> str:
-    # A plain dict memo (not lru_cache): under torch.compile dynamo reads a hit as a constant.
-    key = (backend, device.type)
-    if key not in _STATUS_MEMO:
-        _STATUS_MEMO[key] = _compute_status(backend, device)
-    return _STATUS_MEMO[key]
-
-
-def _compute_status(backend: str, device: torch.device) -> str:
-    reason = _backend.status(backend, device)
-    if reason:
-        return reason
-    if backend in ("cpu", "cuda"):
-        reason = _compiled_status()
-        if reason:
-            return reason
-        key = "CPU" if backend == "cpu" else "CUDA"
-        missing = [n for n in KERNEL_NAMES
-                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"regionmed_fast_C::{n}", key)]
-        return f"regionmed_fast._C has no {key} kernel for {missing}" if missing else ""
-    if backend == "triton":
-        return _triton_module_status()
-    return ""
+#: The ROI ops' backends; ``cpu`` means ``cpp`` (the C++/OpenMP kernels).
+BACKENDS = _backend.BackendTable(
+    "roi",
+    [_backend.Backend("reference", "plain PyTorch (regionmed_fast/ops/roi_reference.py)", ("cpu", "cuda")),
+     _backend.Backend("cpp", "C++/OpenMP kernels of regionmed_fast._C (csrc/roi/roi_cpu.cpp)", ("cpu",),
+                      _compiled_check("CPU")),
+     _backend.Backend("cuda", "CUDA kernels of regionmed_fast._C (csrc/roi/roi_cuda.cu)", ("cuda",),
+                      _compiled_check("CUDA")),
+     _backend.Backend("triton", "Triton kernels (kernels/roi.py)", ("cuda",), _triton_check)],
+    auto={"cpu": ("cpp", "reference"), "cuda": ("cuda", "triton", "reference")},
+    aliases={"cpu": "cpp"},
+)
 
 
 def available_backends(device: torch.device | str) -> dict[str, str]:
     """Every ROI backend on ``device``: name -> ``"ok"`` or the reason it cannot run."""
-    device = torch.device(device)
-    return {b: (_status(b, device) or "ok") for b in ("reference", "cpu", "triton", "cuda")}
-
-
-def _resolve(op: str, backend: str, device: torch.device) -> str:
-    return _backend.resolve(op, backend, device, _SUPPORTED, status_fn=_status)
+    return BACKENDS.report(device)
 
 
 def _kernel(backend: str, name: str):
@@ -338,7 +337,7 @@ def roi_align(features: Tensor, boxes: Tensor | Sequence[Tensor], output_size: i
     ph, pw = _output_size(op, output_size)
     f, cl = _features_nhwc_or_nchw(op, features, layout, grid_size)
     rois = _rois(op, boxes, f, f.shape[0])
-    chosen = _resolve(op, backend, f.device)
+    chosen = BACKENDS.resolve(backend, f.device)
     if chosen == "reference":
         return roi_align_reference(f, rois, (ph, pw), spatial_scale, sampling_ratio, aligned,
                                    "nhwc" if cl else "nchw")
@@ -379,7 +378,7 @@ def roi_pool_fuse(features: Tensor, boxes: Tensor | Sequence[Tensor], global_fea
     if isinstance(gate_bias, Tensor) and gate_bias.dim() == 0:
         gate_bias = gate_bias.reshape(1)
     gate_bias = _same_device_dtype(op, "gate_bias", gate_bias, f, (1,))
-    chosen = _resolve(op, backend, f.device)
+    chosen = BACKENDS.resolve(backend, f.device)
     if chosen == "reference":
         out = roi_pool_fuse_reference(f, rois, global_feat, gate_weight, gate_bias, output_size, spatial_scale,
                                       sampling_ratio, aligned, "nhwc" if cl else "nchw", return_parts=True)
