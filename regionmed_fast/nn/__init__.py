@@ -1,16 +1,16 @@
 """``nn.Module`` wrappers over the fused ops, for use in any model.
 
-* :class:`ChunkedClipLoss` - drop-in for ``open_clip.ClipLoss`` (regionmed_fast/nn_loss.py).
+* :class:`ChunkedClipLoss` - drop-in for ``open_clip.ClipLoss`` (regionmed_fast/nn/loss.py).
 * :class:`RoIPoolFuse` - owns the gate parameters of :func:`regionmed_fast.ops.roi_pool_fuse`
-  (regionmed_fast/nn_roi.py).
+  (regionmed_fast/nn/roi.py).
 """
 from __future__ import annotations
 
 from regionmed_fast._lazy import lazy_getattr
 
 _EXPORTS = {
-    "ChunkedClipLoss": "regionmed_fast.nn_loss",
-    "RoIPoolFuse": "regionmed_fast.nn_roi",
+    "ChunkedClipLoss": "regionmed_fast.nn.loss",
+    "RoIPoolFuse": "regionmed_fast.nn.roi",
 }
 
 __all__ = sorted(_EXPORTS)
