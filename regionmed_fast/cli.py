@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from regionmed_fast.errors import UserError
+
 # subcommand -> ("module:function", one-line help); each function takes argv (list[str]).
 COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("regionmed_fast.info:cli_main", "show versions and which op backends can run here"),
@@ -36,8 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target, _ = COMMANDS[cmd]
     mod_name, func_name = target.split(":")
-    func = getattr(importlib.import_module(mod_name), func_name)
-    return int(func(rest) or 0)
+    try:
+        func = getattr(importlib.import_module(mod_name), func_name)
+        return int(func(rest) or 0)
+    except UserError as exc:
+        # the message already names the file, line or argument at fault: one line, no traceback
+        print(f"regionmed-fast {cmd}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

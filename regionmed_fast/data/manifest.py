@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from regionmed_fast.errors import UserError
+
 log = logging.getLogger("regionmed_fast.data")
 
 ANNOTATIONS = "annotations.jsonl"
@@ -72,7 +74,7 @@ class Problem:
         return f"{self.file}:{self.line}: {sev}: {self.kind}{where}: {self.message}"
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest record that cannot be used; ``str()`` starts with ``file:line``."""
 
     def __init__(self, problem: Problem):

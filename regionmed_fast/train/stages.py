@@ -26,11 +26,13 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from regionmed_fast.errors import UserError
+
 LOSS_KINDS = ("global", "region", "fused")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-class StageFileError(ValueError):
+class StageFileError(UserError, ValueError):
     """A stage file that cannot be used; the message names the file and the offending key."""
 
 
