@@ -41,6 +41,9 @@ class RegionMedConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None  # a float adds a learnable bias (SigLIP uses -10)
     max_logit_scale: float = 100.0
+    # The input size the weights were last trained at (the trainer sets it from the last
+    # stage); evaluation resizes images to it. None: the vision config's image_size.
+    trained_image_size: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
