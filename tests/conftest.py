@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 
 import pytest
 import torch
@@ -18,13 +19,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("REGIONMED_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def _opted_into_slow(config) -> bool:
+    """Slow tests run only when the ``-m`` expression names the ``slow`` marker (``-m slow``,
+    ``-m "slow or gpu"``); a plain ``pytest tests`` leaves them out."""
+    return re.search(r"\bslow\b", config.getoption("markexpr") or "") is not None
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+    skip_slow = pytest.mark.skip(reason="slow (over ~30 s): not in the default run; opt in with -m slow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+    run_slow, on_gpu = _opted_into_slow(config), torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if item.get_closest_marker("slow") and not run_slow:
+            item.add_marker(skip_slow)
+        if item.get_closest_marker("gpu") and not on_gpu:
+            item.add_marker(skip_gpu)
 
 
 @pytest.fixture(scope="session")

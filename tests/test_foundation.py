@@ -150,3 +150,40 @@ def test_readme_perf_renders_a_run_and_judges_its_goal(tmp_path):
         rp.replace_block("no markers here", out)
     doc = f"intro\n{rp.BEGIN}\nold\n{rp.END}\noutro\n"
     assert rp.replace_block(doc, "new\n") == f"intro\n{rp.BEGIN}\nnew\n{rp.END}\noutro\n"
+
+
+# ---------------------------------------------------------------- markers (tests/conftest.py)
+class _Item:
+    """The part of a pytest item that the collection hook reads and writes."""
+
+    def __init__(self, *marks: str):
+        self.marks, self.added = set(marks), []
+
+    def get_closest_marker(self, name):
+        return name if name in self.marks else None
+
+    def add_marker(self, mark):
+        self.added.append(mark)
+
+
+class _Config:
+    def __init__(self, markexpr: str):
+        self.markexpr = markexpr
+
+    def getoption(self, name):
+        assert name == "markexpr"
+        return self.markexpr
+
+
+@pytest.mark.parametrize("markexpr,slow_runs", [("", False), ("not gpu", False), ("slow", True),
+                                                 ("slow or gpu", True), ("slowish", False)])
+def test_slow_tests_are_skipped_unless_m_names_slow(markexpr, slow_runs):
+    import conftest  # tests/conftest.py (pytest puts tests/ on sys.path)
+    slow, quick = _Item("slow"), _Item()
+    conftest.pytest_collection_modifyitems(_Config(markexpr), [slow, quick])
+    assert quick.added == []
+    reasons = [m.kwargs.get("reason", "") for m in slow.added]
+    if slow_runs:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and "opt in with -m slow" in reasons[0]

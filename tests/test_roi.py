@@ -446,15 +446,11 @@ def test_roipoolfuse_module():
 
 
 @pytest.mark.slow
-def test_cuda_sources_compile(request):
+def test_cuda_sources_compile():
     """The ROI CUDA sources compile, link and register with nvcc on a GPU-less machine
-    (scripts/check_cuda_build.sh, ~2.5 min). Opt-in: ``pytest -m slow``; scripts/test.sh already
+    (scripts/check_cuda_build.sh, ~3 min). Opt-in: ``pytest -m slow``; scripts/test.sh already
     compiles them through ``FORCE_CUDA=1`` when nvcc is present."""
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("opt-in: run with -m slow (or scripts/check_cuda_build.sh)")
     script = os.path.join(REPO, "scripts", "check_cuda_build.sh")
-    if not os.path.exists(os.path.join(REPO, "csrc", "roi", "roi_cuda.cu")):
-        pytest.skip("csrc/roi/roi_cuda.cu not present")
     if not (os.path.exists("/usr/local/cuda/bin/nvcc") or subprocess.run(["which", "nvcc"],
                                                                         capture_output=True).returncode == 0):
         pytest.skip("nvcc not found")
