@@ -3,6 +3,8 @@
 // raw kernels as custom ops with autograd and fake kernels (regionmed_fast/ops/).
 #include <torch/extension.h>
 
+#include "roi/roi_cpu.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -31,4 +33,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "regionmed-fast compiled kernels (ops live in torch.ops.regionmed_fast_C)";
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in");
   m.def("openmp_max_threads", &openmp_max_threads, "OpenMP threads the CPU kernels use");
+  m.def("_roi_set_parallel_min_work", &regionmed::roi_cpu::set_parallel_min_work,
+        "Work (multiply-adds) from which the CPU ROI loops use threads; returns the previous value");
 }

@@ -1,4 +1,5 @@
-// CPU kernels of the ROI ops (schemas in roi.cpp, contract in INTERFACES.md).
+// CPU kernels of the ROI ops (schemas in roi.cpp, raw-kernel contract in docs/roi.md; the
+// sampling geometry is roi_geometry.h, shared with the CUDA kernels).
 //
 // RoIAlign output bins and the fused region mean r_k are weighted sums of feature pixels: each
 // bin (or each whole roi, for roi_pool_fuse) is first reduced to a list of distinct
@@ -9,7 +10,9 @@
 // Parallelism (ATen's OpenMP pool): forward over (roi, bin) or (roi, channel block); backward
 // over channel blocks, each thread owning its slice of grad_features and visiting rois and taps
 // in a fixed order, so the backward is bitwise deterministic whatever the thread count.
-// Low-precision inputs accumulate in float32 (float64 for float64 inputs).
+// Low-precision inputs accumulate in float32 (float64 for float64 inputs). A roi that
+// roi_geometry.h calls invalid (non-finite coordinate, batch index not an integer in [0, B))
+// gives NaN outputs and no gradient; nothing else about the boxes is checked here.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -17,25 +20,48 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 #include <vector>
 
+#include "roi/roi_cpu.h"
+#include "roi/roi_geometry.h"
+
 namespace regionmed::roi_cpu {
+
+namespace {
+// Work (multiply-adds) below which a loop stays on the calling thread: waking a second thread
+// costs more than it saves on small problems, and on a loaded machine a descheduled thread
+// stalls every barrier. Settable (set_parallel_min_work) so tests can force the threaded paths
+// on small shapes.
+std::atomic<double> g_parallel_min_work{static_cast<double>(1 << 17)};
+}  // namespace
+
+double set_parallel_min_work(double work) { return g_parallel_min_work.exchange(work); }
+
 namespace {
 
 using at::Tensor;
+using roi::axis_taps;
+using roi::Geom;
+using roi::sample_pos;
 
-// Work (multiply-adds) below which a loop stays on the calling thread: waking a second thread
-// costs more than it saves on small problems, and on a loaded machine a descheduled thread
-// stalls every barrier.
-constexpr double kParallelMinWork = 1 << 17;
-
-// Grain for at::parallel_for over `n` items that cost `work` multiply-adds in total.
+// Grain for at::parallel_for over `n` items that cost `work` multiply-adds in total: each chunk
+// holds about half the threshold's work.
 inline int64_t grain_for(int64_t n, double work) {
-  if (n <= 1 || work < kParallelMinWork) return std::max<int64_t>(n, 1);
-  return std::max<int64_t>(1, static_cast<int64_t>(static_cast<double>(n) * (kParallelMinWork / 2) / work));
+  const double min_work = g_parallel_min_work.load(std::memory_order_relaxed);
+  if (n <= 1 || work < min_work) return std::max<int64_t>(n, 1);
+  return std::clamp<int64_t>(static_cast<int64_t>(static_cast<double>(n) * (min_work / 2) / work), 1, n);
+}
+
+template <typename T>
+Geom<T> geom_of(const T* roi, T scale, int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned,
+                int64_t batch) {
+  return roi::make_geom<T>(roi, scale, static_cast<int>(ph), static_cast<int>(pw),
+                           static_cast<int>(sampling_ratio), aligned, batch);
 }
 
 template <typename T>
@@ -50,44 +76,6 @@ struct Tap {
   int32_t idx;  // y * W + x inside one image plane
   T w;
 };
-
-// Sampling geometry of one roi, exactly as torchvision's roi_align computes it.
-template <typename T>
-struct Geom {
-  int64_t batch;
-  T start_h, start_w, bin_h, bin_w;
-  int64_t grid_h, grid_w;
-  T inv_count;
-};
-
-template <typename T>
-Geom<T> make_geom(const T* roi, T scale, int64_t ph, int64_t pw, int64_t sampling_ratio,
-                  bool aligned, int64_t batch) {
-  for (int i = 0; i < 5; ++i) {
-    TORCH_CHECK(std::isfinite(static_cast<double>(roi[i])), "roi kernels: rois contain a non-finite value");
-  }
-  const auto b = static_cast<int64_t>(roi[0]);
-  TORCH_CHECK(b >= 0 && b < batch, "roi kernels: roi batch index ", b, " is outside [0, ", batch, ")");
-  const T off = aligned ? T(0.5) : T(0);
-  Geom<T> g;
-  g.batch = b;
-  g.start_w = roi[1] * scale - off;
-  g.start_h = roi[2] * scale - off;
-  T roi_w = roi[3] * scale - off - g.start_w;
-  T roi_h = roi[4] * scale - off - g.start_h;
-  if (!aligned) {  // torchvision forces malformed rois to 1x1 in the legacy mode
-    roi_w = std::max(roi_w, T(1));
-    roi_h = std::max(roi_h, T(1));
-  }
-  g.bin_h = roi_h / static_cast<T>(ph);
-  g.bin_w = roi_w / static_cast<T>(pw);
-  g.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(std::ceil(roi_h / static_cast<T>(ph)));
-  g.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int64_t>(std::ceil(roi_w / static_cast<T>(pw)));
-  g.grid_h = std::max<int64_t>(g.grid_h, 0);
-  g.grid_w = std::max<int64_t>(g.grid_w, 0);
-  g.inv_count = T(1) / static_cast<T>(std::max<int64_t>(g.grid_h * g.grid_w, 1));
-  return g;
-}
 
 // Sums weights per pixel; emits taps in first-touch order (deterministic) and resets itself.
 template <typename T>
@@ -113,46 +101,28 @@ struct Merger {
   }
 };
 
-// torchvision's bilinear_interpolate: samples beyond one pixel outside the map contribute 0,
-// others are clamped to the map.
+// One sample's bilinear weights (torchvision's bilinear_interpolate: the outside test and the
+// clamping act per axis), scaled by `scale`.
 template <typename T>
 inline void add_sample(T y, T x, int64_t H, int64_t W, T scale, Merger<T>& m) {
-  if (y < T(-1) || y > static_cast<T>(H) || x < T(-1) || x > static_cast<T>(W)) return;
-  if (y <= T(0)) y = T(0);
-  if (x <= T(0)) x = T(0);
-  int64_t y_low = static_cast<int64_t>(y), x_low = static_cast<int64_t>(x), y_high, x_high;
-  if (y_low >= H - 1) {
-    y_high = y_low = H - 1;
-    y = static_cast<T>(y_low);
-  } else {
-    y_high = y_low + 1;
-  }
-  if (x_low >= W - 1) {
-    x_high = x_low = W - 1;
-    x = static_cast<T>(x_low);
-  } else {
-    x_high = x_low + 1;
-  }
-  const T ly = y - static_cast<T>(y_low), lx = x - static_cast<T>(x_low);
-  const T hy = T(1) - ly, hx = T(1) - lx;
-  m.add(y_low * W + x_low, hy * hx * scale);
-  m.add(y_low * W + x_high, hy * lx * scale);
-  m.add(y_high * W + x_low, ly * hx * scale);
-  m.add(y_high * W + x_high, ly * lx * scale);
+  int64_t y_lo, y_hi, x_lo, x_hi;
+  T wy_lo, wy_hi, wx_lo, wx_hi;
+  if (!axis_taps(y, H, y_lo, y_hi, wy_lo, wy_hi) || !axis_taps(x, W, x_lo, x_hi, wx_lo, wx_hi)) return;
+  m.add(y_lo * W + x_lo, wy_lo * wx_lo * scale);
+  m.add(y_lo * W + x_hi, wy_lo * wx_hi * scale);
+  m.add(y_hi * W + x_lo, wy_hi * wx_lo * scale);
+  m.add(y_hi * W + x_hi, wy_hi * wx_hi * scale);
 }
 
 // Adds every sample of bin (ph, pw) with weight `scale` / (samples per bin).
 template <typename T>
 inline void add_bin(const Geom<T>& g, int64_t ph, int64_t pw, int64_t H, int64_t W, T scale,
                     Merger<T>& m) {
-  const T w = scale * g.inv_count;
-  for (int64_t iy = 0; iy < g.grid_h; ++iy) {
-    const T y = g.start_h + static_cast<T>(ph) * g.bin_h +
-                static_cast<T>(iy + .5f) * g.bin_h / static_cast<T>(g.grid_h);
-    for (int64_t ix = 0; ix < g.grid_w; ++ix) {
-      const T x = g.start_w + static_cast<T>(pw) * g.bin_w +
-                  static_cast<T>(ix + .5f) * g.bin_w / static_cast<T>(g.grid_w);
-      add_sample(y, x, H, W, w, m);
+  const T w = scale / g.count;
+  for (int iy = 0; iy < g.grid_h; ++iy) {
+    const T y = sample_pos(g.start_h, g.bin_h, static_cast<int>(ph), iy, g.grid_h);
+    for (int ix = 0; ix < g.grid_w; ++ix) {
+      add_sample(y, sample_pos(g.start_w, g.bin_w, static_cast<int>(pw), ix, g.grid_w), H, W, w, m);
     }
   }
 }
@@ -162,6 +132,7 @@ inline void add_bin(const Geom<T>& g, int64_t ph, int64_t pw, int64_t H, int64_t
 template <typename T>
 struct RoiTaps {
   std::vector<int64_t> batch;
+  std::vector<uint8_t> valid;
   std::vector<std::vector<Tap<T>>> taps;
   std::vector<std::vector<int32_t>> offsets;
 };
@@ -171,14 +142,16 @@ RoiTaps<T> build_taps(const T* rois, int64_t K, T scale, int64_t PH, int64_t PW,
                       bool aligned, int64_t B, int64_t H, int64_t W, bool whole_roi) {
   RoiTaps<T> out;
   out.batch.resize(K);
+  out.valid.resize(K);
   out.taps.resize(K);
   out.offsets.resize(K);
   at::parallel_for(0, K, grain_for(K, 16.0 * K * PH * PW), [&](int64_t begin, int64_t end) {
     Merger<T> m(H * W);
     const T bin_scale = whole_roi ? T(1) / static_cast<T>(PH * PW) : T(1);
     for (int64_t k = begin; k < end; ++k) {
-      const Geom<T> g = make_geom(rois + k * 5, scale, PH, PW, sr, aligned, B);
+      const Geom<T> g = geom_of(rois + k * 5, scale, PH, PW, sr, aligned, B);
       out.batch[k] = g.batch;
+      out.valid[k] = g.valid;
       auto& taps = out.taps[k];
       auto& offs = out.offsets[k];
       offs.push_back(0);
@@ -206,23 +179,17 @@ RoiTaps<T> build_taps(const T* rois, int64_t K, T scale, int64_t PH, int64_t PW,
 template <typename T>
 struct SepRoi {
   int64_t batch = 0, y0 = 0, y1 = 0, x0 = 0, x1 = 0;  // nonzero support [y0, y1) x [x0, x1)
+  bool valid = true;
   std::vector<T> ay, ax;                                // dense, length H and W
 };
 
 template <typename T>
 inline void add_axis(T v, int64_t n, std::vector<T>& acc) {
-  if (v < T(-1) || v > static_cast<T>(n)) return;
-  if (v <= T(0)) v = T(0);
-  int64_t lo = static_cast<int64_t>(v), hi;
-  if (lo >= n - 1) {
-    hi = lo = n - 1;
-    v = static_cast<T>(lo);
-  } else {
-    hi = lo + 1;
-  }
-  const T l = v - static_cast<T>(lo);
-  acc[lo] += T(1) - l;
-  acc[hi] += l;
+  int64_t lo, hi;
+  T w_lo, w_hi;
+  if (!axis_taps(v, n, lo, hi, w_lo, w_hi)) return;
+  acc[lo] += w_lo;
+  acc[hi] += w_hi;
 }
 
 template <typename T>
@@ -231,22 +198,17 @@ std::vector<SepRoi<T>> build_separable(const T* rois, int64_t K, T scale, int64_
   std::vector<SepRoi<T>> out(K);
   at::parallel_for(0, K, grain_for(K, 16.0 * K * S), [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      const Geom<T> g = make_geom(rois + k * 5, scale, S, S, sr, aligned, B);
+      const Geom<T> g = geom_of(rois + k * 5, scale, S, S, sr, aligned, B);
       SepRoi<T>& s = out[k];
       s.batch = g.batch;
+      s.valid = g.valid;
       s.ay.assign(H, T(0));
       s.ax.assign(W, T(0));
-      for (int64_t p = 0; p < S; ++p) {
-        for (int64_t i = 0; i < g.grid_h; ++i) {
-          add_axis(g.start_h + static_cast<T>(p) * g.bin_h +
-                       static_cast<T>(i + .5f) * g.bin_h / static_cast<T>(g.grid_h), H, s.ay);
-        }
-        for (int64_t i = 0; i < g.grid_w; ++i) {
-          add_axis(g.start_w + static_cast<T>(p) * g.bin_w +
-                       static_cast<T>(i + .5f) * g.bin_w / static_cast<T>(g.grid_w), W, s.ax);
-        }
+      for (int p = 0; p < S; ++p) {
+        for (int i = 0; i < g.grid_h; ++i) add_axis(sample_pos(g.start_h, g.bin_h, p, i, g.grid_h), H, s.ay);
+        for (int i = 0; i < g.grid_w; ++i) add_axis(sample_pos(g.start_w, g.bin_w, p, i, g.grid_w), W, s.ax);
       }
-      const T norm = g.inv_count / static_cast<T>(S * S);
+      const T norm = T(1) / (g.count * static_cast<T>(S * S));
       for (auto& v : s.ay) v *= norm;
       auto bounds = [](const std::vector<T>& v, int64_t& lo, int64_t& hi) {
         lo = 0;
@@ -269,6 +231,7 @@ struct FuseGeometry {
   RoiTaps<T> taps;
   std::vector<SepRoi<T>> sep;
   std::vector<int64_t> batch;
+  std::vector<uint8_t> valid;
 };
 
 template <typename T>
@@ -282,7 +245,11 @@ FuseGeometry<T> build_fuse_geometry(const T* rois, int64_t K, T scale, int64_t S
     geo.sep = build_separable(rois, K, scale, S, sr, aligned, B, H, W);
   }
   geo.batch.resize(K);
-  for (int64_t k = 0; k < K; ++k) geo.batch[k] = channels_last ? geo.taps.batch[k] : geo.sep[k].batch;
+  geo.valid.resize(K);
+  for (int64_t k = 0; k < K; ++k) {
+    geo.batch[k] = channels_last ? geo.taps.batch[k] : geo.sep[k].batch;
+    geo.valid[k] = channels_last ? geo.taps.valid[k] : geo.sep[k].valid;
+  }
   return geo;
 }
 
@@ -335,7 +302,12 @@ Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, doubl
       std::vector<int32_t> offs;
       std::vector<T> acc(channels_last ? nb * C : 0);
       for (int64_t k = begin; k < end; ++k) {
-        const Geom<T> g = make_geom(r + k * 5, scale, PH, PW, sampling_ratio, aligned, B);
+        const Geom<T> g = geom_of(r + k * 5, scale, PH, PW, sampling_ratio, aligned, B);
+        scalar_t* ok = o + k * C * nb;
+        if (!g.valid) {
+          std::fill(ok, ok + C * nb, static_cast<scalar_t>(std::numeric_limits<T>::quiet_NaN()));
+          continue;
+        }
         taps.clear();
         offs.assign(1, 0);
         for (int64_t bin = 0; bin < nb; ++bin) {
@@ -344,7 +316,6 @@ Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, doubl
           offs.push_back(static_cast<int32_t>(taps.size()));
         }
         const scalar_t* fb = f + g.batch * C * HW;
-        scalar_t* ok = o + k * C * nb;
         if (channels_last) {
           std::fill(acc.begin(), acc.end(), T(0));
           for (int64_t bin = 0; bin < nb; ++bin) {
@@ -542,7 +513,14 @@ _Pragma("omp simd reduction(+ : t)")
     scalar_t* zp = z.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, K, grain_for(K, 4.0 * K * C), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        const T* rk = rp + k * C;
+        T* rk = rp + k * C;
+        if (!geo.valid[k]) {
+          constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+          std::fill(rk, rk + C, nan);
+          ap[k] = nan;
+          std::fill(zp + k * C, zp + (k + 1) * C, static_cast<scalar_t>(nan));
+          continue;
+        }
         const T* gk = gp + batch_of[k] * C;
         T s = b0;
 _Pragma("omp simd reduction(+ : s)")
@@ -604,6 +582,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
       T* grp = grad_r.mutable_data_ptr<T>();
       at::parallel_for(0, K, grain_for(K, 4.0 * K * C), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
+          if (!geo.valid[k]) {  // NaN r and a, no gradient: zero rows leave every sum unchanged
+            ds[k] = T(0);
+            std::fill(grp + k * C, grp + (k + 1) * C, T(0));
+            continue;
+          }
           const T* gzk = gzp + k * C;
           const T* rk = rp + k * C;
           const T* gk = gp + batch_of[k] * C;
@@ -620,6 +603,7 @@ _Pragma("omp simd reduction(+ : da)")
       T* gwp = g_weight.mutable_data_ptr<T>();
       at::parallel_for(0, C, std::max<int64_t>(64, grain_for(C, 3.0 * K * C)), [&](int64_t begin, int64_t end) {
         for (int64_t k = 0; k < K; ++k) {  // rois in order: the scatter-add is deterministic
+          if (!geo.valid[k]) continue;
           const T ak = ap[k], d = ds[k];
           const T* gzk = gzp + k * C;
           const T* rk = rp + k * C;

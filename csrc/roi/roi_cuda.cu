@@ -1,4 +1,5 @@
-// CUDA kernels of the ROI ops (schemas in roi.cpp, contract in INTERFACES.md).
+// CUDA kernels of the ROI ops (schemas in roi.cpp, raw-kernel contract in docs/roi.md; the sampling
+// geometry is roi_geometry.h, shared with the CPU kernels).
 //
 // roi_align: one block per (roi, channel chunk). Work items are (channel, bin) pairs; with
 // channels_last the channel is the fastest item index so a warp reads 32 consecutive channels
@@ -19,6 +20,11 @@
 // gradients, then the scatter of dr_k per (roi, chunk), one atomicAdd per (pixel, channel).
 //
 // All arithmetic is in at::opmath_type (float for half/bfloat16/float, double for double).
+//
+// Launches per call (docs/roi-gpu-kernels.md counts them): nothing here reads a value back to the
+// host, so the ops can be captured in a CUDA graph. global_feat, gate_weight and gate_bias are
+// read by the kernels in the features' dtype or in float (no cast launch); the backward zeroes one
+// accumulation buffer for the features' gradient and one for the three small gradients.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -70,6 +76,14 @@ int64_t checked_align_chunk(int64_t C, int64_t NB, int64_t acc_size) {
   return chunk;
 }
 
+// A small input as the kernels read it: as it is when its dtype is the features' (`low`) or the
+// accumulation dtype; otherwise cast to the accumulation dtype (the one case that costs a launch).
+// `keep` owns the tensor the pointer refers to.
+Param as_param(const Tensor& t, at::ScalarType features_t, at::ScalarType acc, Tensor& keep) {
+  keep = t.scalar_type() == features_t || t.scalar_type() == acc ? t.contiguous() : t.to(acc).contiguous();
+  return Param{keep.const_data_ptr(), keep.scalar_type() == features_t && features_t != acc};
+}
+
 Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, double spatial_scale,
                          int64_t pooled_h, int64_t pooled_w, int64_t sampling_ratio, bool aligned,
                          bool channels_last) {
@@ -80,11 +94,12 @@ Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, doubl
   const Tensor features = features_in.contiguous();
   const auto acc = acc_type(features.scalar_type());
   const Tensor rois = prepare_rois(rois_in, acc, features);
+  const int64_t B = features.size(0);
   const int64_t C = channels_last ? features.size(3) : features.size(1);
   const int64_t H = channels_last ? features.size(1) : features.size(2);
   const int64_t W = channels_last ? features.size(2) : features.size(3);
   const int64_t K = rois.size(0);
-  for (int64_t v : {C, H, W, K, pooled_h * pooled_w, H * W}) check_int_range(v, "size");
+  for (int64_t v : {B, C, H, W, K, pooled_h * pooled_w, H * W}) check_int_range(v, "size");
   Tensor out = at::empty({K, C, pooled_h, pooled_w}, features.options());
   if (K == 0 || C == 0) return out;
   if (H == 0 || W == 0) return out.zero_();
@@ -97,9 +112,9 @@ Tensor roi_align_forward(const Tensor& features_in, const Tensor& rois_in, doubl
     const size_t smem = static_cast<size_t>(chunk * NB) * sizeof(acc_t);
     roi_align_fwd_kernel<scalar_t, acc_t><<<grid, kThreads, smem, stream>>>(
         features.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(),
-        static_cast<acc_t>(spatial_scale), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W),
-        static_cast<int>(pooled_h), static_cast<int>(pooled_w), static_cast<int>(sampling_ratio), aligned,
-        channels_last, static_cast<int>(chunk));
+        static_cast<acc_t>(spatial_scale), static_cast<int>(B), static_cast<int>(C), static_cast<int>(H),
+        static_cast<int>(W), static_cast<int>(pooled_h), static_cast<int>(pooled_w),
+        static_cast<int>(sampling_ratio), aligned, channels_last, static_cast<int>(chunk));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
@@ -131,9 +146,9 @@ Tensor roi_align_backward(const Tensor& grad_in, const Tensor& rois_in, double s
       const size_t smem = static_cast<size_t>(chunk * NB) * sizeof(acc_t);
       roi_align_bwd_kernel<scalar_t, acc_t><<<grid, kThreads, smem, stream>>>(
           grad.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), gf.mutable_data_ptr<acc_t>(),
-          static_cast<acc_t>(spatial_scale), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W),
-          static_cast<int>(pooled_h), static_cast<int>(pooled_w), static_cast<int>(sampling_ratio), aligned,
-          channels_last, static_cast<int>(chunk));
+          static_cast<acc_t>(spatial_scale), static_cast<int>(B), static_cast<int>(C), static_cast<int>(H),
+          static_cast<int>(W), static_cast<int>(pooled_h), static_cast<int>(pooled_w),
+          static_cast<int>(sampling_ratio), aligned, channels_last, static_cast<int>(chunk));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -152,7 +167,8 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
   TORCH_CHECK(S > 0, "roi_pool_fuse_forward: output_size must be positive, got ", S);
   c10::cuda::CUDAGuard guard(features_in.device());
   const Tensor features = features_in.contiguous();
-  const auto acc = acc_type(features.scalar_type());
+  const auto ft = features.scalar_type();
+  const auto acc = acc_type(ft);
   const Tensor rois = prepare_rois(rois_in, acc, features);
   const int64_t B = features.size(0);
   const int64_t C = channels_last ? features.size(3) : features.size(1);
@@ -163,17 +179,18 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
               B, ", ", C, "], got ", global_in.sizes());
   TORCH_CHECK(weight_in.size(0) == 2 && weight_in.size(1) == C, "roi_pool_fuse_forward: gate_weight must be [2, ",
               C, "], got ", weight_in.sizes());
-  for (int64_t v : {C, H, W, K, H * W, S * S}) check_int_range(v, "size");
-  const Tensor gl = global_in.to(acc).contiguous();
-  const Tensor wt = weight_in.to(acc).contiguous();
-  const Tensor bias = bias_in.to(acc).reshape({1}).contiguous();
+  for (int64_t v : {B, C, H, W, K, H * W, S * S}) check_int_range(v, "size");
   Tensor z = at::empty({K, C}, features.options());
   Tensor r = at::empty({K, C}, features.options().dtype(acc));
   Tensor a = at::empty({K}, features.options().dtype(acc));
   if (K == 0) return {z, r, a};  // an empty map (H or W = 0) runs the kernel: r = 0 there
+  Tensor gl, wt, bias;
+  const Param p_glob = as_param(global_in, ft, acc, gl);
+  const Param p_wgt = as_param(weight_in, ft, acc, wt);
+  const Param p_bias = as_param(bias_in, ft, acc, bias);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t nparts = (C + kFuseChunk - 1) / kFuseChunk;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "roi_pool_fuse_forward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ft, "roi_pool_fuse_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t smem = fuse_smem(H, W, sizeof(acc_t));
     TORCH_CHECK(smem <= kSmemLimit, "roi_pool_fuse_forward (cuda): feature map ", H, "x", W, " too large");
@@ -183,20 +200,26 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
     if (nparts > 0) {
       const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>(nparts));
       roi_pool_fuse_r_kernel<scalar_t, acc_t><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(
-          features.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
-          wt.const_data_ptr<acc_t>(), r.mutable_data_ptr<acc_t>(), part.mutable_data_ptr<acc_t>(),
-          static_cast<acc_t>(spatial_scale), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W),
+          features.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), p_glob, p_wgt,
+          r.mutable_data_ptr<acc_t>(), part.mutable_data_ptr<acc_t>(), static_cast<acc_t>(spatial_scale),
+          static_cast<int>(B), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W),
           static_cast<int>(S), static_cast<int>(sampling_ratio), aligned, channels_last);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     roi_pool_fuse_gate_kernel<scalar_t, acc_t><<<static_cast<unsigned>(K), kThreads,
                                                  static_cast<size_t>(fuse_small_smem(sizeof(acc_t))), stream>>>(
-        rois.const_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(),
-        r.const_data_ptr<acc_t>(), part.const_data_ptr<acc_t>(), z.mutable_data_ptr<scalar_t>(),
-        a.mutable_data_ptr<acc_t>(), static_cast<int>(C), static_cast<int>(nparts));
+        rois.const_data_ptr<acc_t>(), p_glob, p_bias, r.const_data_ptr<acc_t>(), part.const_data_ptr<acc_t>(),
+        z.mutable_data_ptr<scalar_t>(), a.mutable_data_ptr<acc_t>(), static_cast<int>(B), static_cast<int>(C),
+        static_cast<int>(nparts));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {z, r, a};
+}
+
+// Views [B, C], [2, C] and [1] of one buffer holding the three small gradients in that order.
+std::tuple<Tensor, Tensor, Tensor> split_small(const Tensor& buf, int64_t B, int64_t C) {
+  return {buf.narrow(0, 0, B * C).view({B, C}), buf.narrow(0, B * C, 2 * C).view({2, C}),
+          buf.narrow(0, B * C + 2 * C, 1)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
@@ -208,28 +231,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
   check_cuda_tensor(weight_in, "gate_weight", 2, grad_z_in);
   c10::cuda::CUDAGuard guard(grad_z_in.device());
   const Tensor grad_z = grad_z_in.contiguous();
-  const auto acc = acc_type(grad_z.scalar_type());
+  const auto gt = grad_z.scalar_type();
+  const auto acc = acc_type(gt);
   const Tensor rois = prepare_rois(rois_in, acc, grad_z);
   const int64_t K = rois.size(0), C = global_in.size(1);
   TORCH_CHECK(grad_z.size(0) == K && grad_z.size(1) == C, "roi_pool_fuse_backward: grad_z must be [K, C] = [", K,
               ", ", C, "], got ", grad_z.sizes());
+  TORCH_CHECK(global_in.size(0) == B, "roi_pool_fuse_backward: global_feat must be [B, C] with B = ", B);
   TORCH_CHECK(r_in.dim() == 2 && r_in.size(0) == K && r_in.size(1) == C, "roi_pool_fuse_backward: r must be [K, C]");
   TORCH_CHECK(a_in.numel() == K, "roi_pool_fuse_backward: a must be [K]");
   TORCH_CHECK(weight_in.size(0) == 2 && weight_in.size(1) == C, "roi_pool_fuse_backward: gate_weight must be [2, C]");
-  for (int64_t v : {B, C, H, W, K, H * W, S * S}) check_int_range(v, "size");
-  const Tensor gl = global_in.to(acc).contiguous();
-  const Tensor wt = weight_in.to(acc).contiguous();
+  for (int64_t v : {B, C, H, W, K, H * W, S * S, B * C + 2 * C + 1}) check_int_range(v, "size");
   const Tensor r = r_in.to(acc).contiguous();
   const Tensor a = a_in.to(acc).reshape({K}).contiguous();
   const std::vector<int64_t> shape = channels_last ? std::vector<int64_t>{B, H, W, C}
                                                    : std::vector<int64_t>{B, C, H, W};
   Tensor gf = at::zeros(shape, grad_z.options().dtype(acc));
-  Tensor g_global = at::zeros({B, C}, grad_z.options().dtype(acc));
-  Tensor g_weight = at::zeros({2, C}, grad_z.options().dtype(acc));
-  Tensor g_bias = at::zeros({1}, grad_z.options().dtype(acc));
+  Tensor small = at::zeros({B * C + 2 * C + 1}, grad_z.options().dtype(acc));
+  Tensor g_global, g_weight, g_bias;
+  std::tie(g_global, g_weight, g_bias) = split_small(small, B, C);
   if (K > 0 && C > 0) {  // an empty map still has global / gate gradients
+    Tensor gl, wt;
+    const Param p_glob = as_param(global_in, gt, acc, gl);
+    const Param p_wgt = as_param(weight_in, gt, acc, wt);
     cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad_z.scalar_type(), "roi_pool_fuse_backward_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gt, "roi_pool_fuse_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const int64_t smem = fuse_smem(H, W, sizeof(acc_t));
       TORCH_CHECK(smem <= kSmemLimit, "roi_pool_fuse_backward (cuda): feature map ", H, "x", W, " too large");
@@ -238,25 +264,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
       Tensor ds = at::empty({K}, grad_z.options().dtype(acc));
       roi_pool_fuse_ds_kernel<scalar_t, acc_t><<<static_cast<unsigned>(K), kThreads,
                                                  static_cast<size_t>(fuse_small_smem(sizeof(acc_t))), stream>>>(
-          grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), gl.const_data_ptr<acc_t>(),
-          wt.const_data_ptr<acc_t>(), r.const_data_ptr<acc_t>(), a.const_data_ptr<acc_t>(),
-          ds.mutable_data_ptr<acc_t>(), g_global.mutable_data_ptr<acc_t>(), g_weight.mutable_data_ptr<acc_t>(),
-          g_bias.mutable_data_ptr<acc_t>(), static_cast<int>(C));
+          grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), p_glob, p_wgt, r.const_data_ptr<acc_t>(),
+          a.const_data_ptr<acc_t>(), ds.mutable_data_ptr<acc_t>(), g_global.mutable_data_ptr<acc_t>(),
+          g_weight.mutable_data_ptr<acc_t>(), g_bias.mutable_data_ptr<acc_t>(), static_cast<int>(B),
+          static_cast<int>(C));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (H > 0 && W > 0) {
         const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>((C + kFuseChunk - 1) / kFuseChunk));
         roi_pool_fuse_scatter_kernel<scalar_t, acc_t><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(
-            grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), wt.const_data_ptr<acc_t>(),
-            a.const_data_ptr<acc_t>(), ds.const_data_ptr<acc_t>(), gf.mutable_data_ptr<acc_t>(),
-            static_cast<acc_t>(spatial_scale), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W),
-            static_cast<int>(S), static_cast<int>(sampling_ratio), aligned, channels_last);
+            grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), p_wgt, a.const_data_ptr<acc_t>(),
+            ds.const_data_ptr<acc_t>(), gf.mutable_data_ptr<acc_t>(), static_cast<acc_t>(spatial_scale),
+            static_cast<int>(B), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), static_cast<int>(S),
+            static_cast<int>(sampling_ratio), aligned, channels_last);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   }
-  const auto out_t = grad_z_in.scalar_type();
-  return {gf.to(out_t), g_global.to(global_in.scalar_type()), g_weight.to(weight_in.scalar_type()),
-          g_bias.to(weight_in.scalar_type())};
+  if (gf.scalar_type() != gt) gf = gf.to(gt);
+  const auto glob_t = global_in.scalar_type(), wgt_t = weight_in.scalar_type();
+  if (glob_t == wgt_t) {  // one cast (or none) for the three small gradients
+    if (glob_t != acc) std::tie(g_global, g_weight, g_bias) = split_small(small.to(glob_t), B, C);
+    return {gf, g_global, g_weight, g_bias};
+  }
+  return {gf, g_global.to(glob_t), g_weight.to(wgt_t), g_bias.to(wgt_t)};
 }
 
 }  // namespace

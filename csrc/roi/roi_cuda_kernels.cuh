@@ -1,75 +1,42 @@
 // Device code of the ROI CUDA kernels (host wrappers and registration: roi_cuda.cu). Kept free
-// of ATen so that it depends only on CUDA; see roi_cuda.cu for the design notes.
+// of ATen so that it depends only on CUDA; see roi_cuda.cu for the design notes. The sampling
+// geometry is roi_geometry.h, shared with the CPU kernels. A roi that it calls invalid gets NaN
+// outputs and contributes no gradient.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
+#include "roi_geometry.h"
+
 namespace regionmed::roi_cuda {
+
+using roi::axis_taps;
+using roi::Geom;
+using roi::make_geom;
+using roi::roi_batch;
+using roi::sample_pos;
 
 constexpr int kThreads = 256;
 constexpr int64_t kSmemLimit = 48 * 1024;
 
-// Correctly rounded division: setup.py compiles with --use_fast_math, whose approximate float
-// division could turn the ceil() of an exact quotient such as 14 / 7 into 3.
-__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
-__device__ __forceinline__ double div_rn(double a, double b) { return a / b; }
-
-// torchvision's per-roi sampling geometry.
-template <typename T>
-struct Geom {
-  int64_t batch;
-  T start_h, start_w, bin_h, bin_w;
-  int grid_h, grid_w;
-  T count;
+// A small per-image or per-channel input (global_feat, gate_weight, gate_bias) read in its own
+// dtype: the features' dtype or the accumulation dtype, so that the host casts nothing in the
+// common cases (other dtypes are cast to the accumulation dtype by the host).
+struct Param {
+  const void* ptr;
+  bool low;  // true: scalar_t (the features' dtype), false: acc_t
 };
 
-template <typename T>
-__device__ __forceinline__ Geom<T> make_geom(const T* roi, T scale, int ph, int pw, int sampling_ratio,
-                                             bool aligned) {
-  const T off = aligned ? T(0.5) : T(0);
-  Geom<T> g;
-  g.batch = static_cast<int64_t>(roi[0]);
-  g.start_w = roi[1] * scale - off;
-  g.start_h = roi[2] * scale - off;
-  T roi_w = roi[3] * scale - off - g.start_w;
-  T roi_h = roi[4] * scale - off - g.start_h;
-  if (!aligned) {  // legacy mode forces malformed rois to 1x1
-    roi_w = roi_w > T(1) ? roi_w : T(1);
-    roi_h = roi_h > T(1) ? roi_h : T(1);
-  }
-  g.bin_h = div_rn(roi_h, static_cast<T>(ph));
-  g.bin_w = div_rn(roi_w, static_cast<T>(pw));
-  g.grid_h = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceil(g.bin_h));
-  g.grid_w = sampling_ratio > 0 ? sampling_ratio : static_cast<int>(ceil(g.bin_w));
-  g.grid_h = g.grid_h > 0 ? g.grid_h : 0;
-  g.grid_w = g.grid_w > 0 ? g.grid_w : 0;
-  const int n = g.grid_h * g.grid_w;
-  g.count = static_cast<T>(n > 1 ? n : 1);
-  return g;
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t ld(const Param& p, int64_t i) {
+  return p.low ? static_cast<acc_t>(static_cast<const scalar_t*>(p.ptr)[i])
+               : static_cast<const acc_t*>(p.ptr)[i];
 }
 
-// Sample coordinate of sample s of bin p along one axis (torchvision's operation order).
-template <typename T>
-__device__ __forceinline__ T sample_pos(T start, T bin, int p, int s, int grid) {
-  return start + static_cast<T>(p) * bin + div_rn(static_cast<T>(s + T(0.5)) * bin, static_cast<T>(grid));
-}
-
-// The two pixels a sample at `pos` touches along an axis of length `size`, and their weights;
-// false when the sample lies beyond one pixel outside the map (it then contributes 0).
-template <typename T>
-__device__ __forceinline__ bool axis_taps(T pos, int size, int& lo, int& hi, T& w_lo, T& w_hi) {
-  if (pos < T(-1) || pos > static_cast<T>(size)) return false;
-  if (pos <= T(0)) pos = T(0);
-  lo = static_cast<int>(pos);
-  if (lo >= size - 1) {
-    lo = hi = size - 1;
-    pos = static_cast<T>(lo);
-  } else {
-    hi = lo + 1;
-  }
-  w_hi = pos - static_cast<T>(lo);
-  w_lo = T(1) - w_hi;
-  return true;
+template <typename acc_t>
+__device__ __forceinline__ acc_t quiet_nan() {
+  return static_cast<acc_t>(NAN);
 }
 
 template <typename T>
@@ -99,7 +66,7 @@ __device__ T block_sum(T v, T* scratch) {
 
 template <typename scalar_t, typename acc_t>
 __global__ void roi_align_fwd_kernel(const scalar_t* __restrict__ feat, const acc_t* __restrict__ rois,
-                                     scalar_t* __restrict__ out, acc_t scale, int C, int H, int W,
+                                     scalar_t* __restrict__ out, acc_t scale, int B, int C, int H, int W,
                                      int PH, int PW, int sampling_ratio, bool aligned,
                                      bool channels_last, int chunk) {
   extern __shared__ unsigned char smem_raw[];
@@ -108,7 +75,12 @@ __global__ void roi_align_fwd_kernel(const scalar_t* __restrict__ feat, const ac
   const int c0 = blockIdx.y * chunk;
   const int ct = min(chunk, C - c0);
   const int NB = PH * PW;
-  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, PH, PW, sampling_ratio, aligned);
+  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, PH, PW, sampling_ratio, aligned, B);
+  if (!g.valid) {  // uniform over the block: no barrier is skipped by part of it
+    scalar_t* ob = out + (k * C + c0) * NB;
+    for (int t = threadIdx.x; t < ct * NB; t += blockDim.x) ob[t] = static_cast<scalar_t>(quiet_nan<acc_t>());
+    return;
+  }
   const int64_t HW = static_cast<int64_t>(H) * W;
   const int64_t s_c = channels_last ? 1 : HW;
   const int64_t s_y = channels_last ? static_cast<int64_t>(W) * C : W;
@@ -121,13 +93,13 @@ __global__ void roi_align_fwd_kernel(const scalar_t* __restrict__ feat, const ac
     const scalar_t* fc = fb + (c0 + cl) * s_c;
     acc_t val = acc_t(0);
     for (int iy = 0; iy < g.grid_h; ++iy) {
-      int ylo, yhi;
+      int64_t ylo, yhi;
       acc_t wylo, wyhi;
-      if (!axis_taps(sample_pos(g.start_h, g.bin_h, ph, iy, g.grid_h), H, ylo, yhi, wylo, wyhi)) continue;
+      if (!axis_taps<acc_t>(sample_pos(g.start_h, g.bin_h, ph, iy, g.grid_h), H, ylo, yhi, wylo, wyhi)) continue;
       for (int ix = 0; ix < g.grid_w; ++ix) {
-        int xlo, xhi;
+        int64_t xlo, xhi;
         acc_t wxlo, wxhi;
-        if (!axis_taps(sample_pos(g.start_w, g.bin_w, pw, ix, g.grid_w), W, xlo, xhi, wxlo, wxhi)) continue;
+        if (!axis_taps<acc_t>(sample_pos(g.start_w, g.bin_w, pw, ix, g.grid_w), W, xlo, xhi, wxlo, wxhi)) continue;
         val += wylo * wxlo * static_cast<acc_t>(fc[ylo * s_y + xlo * s_x]) +
                wylo * wxhi * static_cast<acc_t>(fc[ylo * s_y + xhi * s_x]) +
                wyhi * wxlo * static_cast<acc_t>(fc[yhi * s_y + xlo * s_x]) +
@@ -144,7 +116,7 @@ __global__ void roi_align_fwd_kernel(const scalar_t* __restrict__ feat, const ac
 
 template <typename scalar_t, typename acc_t>
 __global__ void roi_align_bwd_kernel(const scalar_t* __restrict__ grad, const acc_t* __restrict__ rois,
-                                     acc_t* __restrict__ gfeat, acc_t scale, int C, int H, int W,
+                                     acc_t* __restrict__ gfeat, acc_t scale, int B, int C, int H, int W,
                                      int PH, int PW, int sampling_ratio, bool aligned,
                                      bool channels_last, int chunk) {
   extern __shared__ unsigned char smem_raw[];
@@ -153,7 +125,8 @@ __global__ void roi_align_bwd_kernel(const scalar_t* __restrict__ grad, const ac
   const int c0 = blockIdx.y * chunk;
   const int ct = min(chunk, C - c0);
   const int NB = PH * PW;
-  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, PH, PW, sampling_ratio, aligned);
+  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, PH, PW, sampling_ratio, aligned, B);
+  if (!g.valid) return;  // uniform over the block
   const scalar_t* gb = grad + (k * C + c0) * NB;
   for (int t = threadIdx.x; t < ct * NB; t += blockDim.x) tile[t] = static_cast<acc_t>(gb[t]) / g.count;
   __syncthreads();
@@ -170,13 +143,13 @@ __global__ void roi_align_bwd_kernel(const scalar_t* __restrict__ grad, const ac
     if (gv == acc_t(0)) continue;
     acc_t* fc = fb + (c0 + cl) * s_c;
     for (int iy = 0; iy < g.grid_h; ++iy) {
-      int ylo, yhi;
+      int64_t ylo, yhi;
       acc_t wylo, wyhi;
-      if (!axis_taps(sample_pos(g.start_h, g.bin_h, ph, iy, g.grid_h), H, ylo, yhi, wylo, wyhi)) continue;
+      if (!axis_taps<acc_t>(sample_pos(g.start_h, g.bin_h, ph, iy, g.grid_h), H, ylo, yhi, wylo, wyhi)) continue;
       for (int ix = 0; ix < g.grid_w; ++ix) {
-        int xlo, xhi;
+        int64_t xlo, xhi;
         acc_t wxlo, wxhi;
-        if (!axis_taps(sample_pos(g.start_w, g.bin_w, pw, ix, g.grid_w), W, xlo, xhi, wxlo, wxhi)) continue;
+        if (!axis_taps<acc_t>(sample_pos(g.start_w, g.bin_w, pw, ix, g.grid_w), W, xlo, xhi, wxlo, wxhi)) continue;
         atomicAdd(fc + ylo * s_y + xlo * s_x, gv * wylo * wxlo);
         atomicAdd(fc + ylo * s_y + xhi * s_x, gv * wylo * wxhi);
         atomicAdd(fc + yhi * s_y + xlo * s_x, gv * wyhi * wxlo);
@@ -229,9 +202,9 @@ __device__ void build_support(const Geom<acc_t>& g, int S, int H, int W, Support
     acc_t w = acc_t(0);
     for (int p = 0; p < S; ++p) {
       for (int q = 0; q < grid; ++q) {
-        int lo, hi;
+        int64_t lo, hi;
         acc_t wlo, whi;
-        if (!axis_taps(sample_pos(start, bin, p, q, grid), size, lo, hi, wlo, whi)) continue;
+        if (!axis_taps<acc_t>(sample_pos(start, bin, p, q, grid), size, lo, hi, wlo, whi)) continue;
         if (lo == pix) w += wlo;
         if (hi == pix) w += whi;
       }
@@ -272,22 +245,23 @@ constexpr int kFuseChunk = 64;
 // (<w0, r_k> + <w1, g_k>), written to part[k, chunk]. Grid (K, ceil(C / kFuseChunk)).
 template <typename scalar_t, typename acc_t>
 __global__ void roi_pool_fuse_r_kernel(const scalar_t* __restrict__ feat, const acc_t* __restrict__ rois,
-                                       const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
-                                       acc_t* __restrict__ r, acc_t* __restrict__ part, acc_t scale, int C,
-                                       int H, int W, int S, int sampling_ratio, bool aligned,
-                                       bool channels_last) {
+                                       Param glob, Param wgt, acc_t* __restrict__ r, acc_t* __restrict__ part,
+                                       acc_t scale, int B, int C, int H, int W, int S, int sampling_ratio,
+                                       bool aligned, bool channels_last) {
   extern __shared__ unsigned char smem_raw[];
   const Support<acc_t> sp = carve<acc_t>(smem_raw, H, W);
   acc_t* red = reinterpret_cast<acc_t*>(smem_raw + support_smem_bytes(H, W, sizeof(acc_t)));  // [blockDim]
   const int64_t k = blockIdx.x;
   const int c0 = blockIdx.y * kFuseChunk;
-  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned);
+  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned, B);
   build_support(g, S, H, W, sp);
   const int nr = sp.counts[0], nc = sp.counts[1], npix = nr * nc;
-  const acc_t inv_norm = acc_t(1) / (g.count * static_cast<acc_t>(S * S));
+  // An invalid roi has no support (r sums to 0); the NaN norm makes r, its logit part, and so the
+  // gate and z NaN.
+  const acc_t inv_norm = g.valid ? acc_t(1) / (g.count * static_cast<acc_t>(S * S)) : quiet_nan<acc_t>();
   const int64_t HW = static_cast<int64_t>(H) * W;
   const scalar_t* fb = feat + g.batch * HW * C;
-  const acc_t* gk = glob + g.batch * C;
+  const int64_t gk = g.batch * C;
   acc_t* rk = r + k * C;
   acc_t contrib = acc_t(0);
   if (channels_last) {
@@ -309,7 +283,7 @@ __global__ void roi_pool_fuse_r_kernel(const scalar_t* __restrict__ feat, const 
       for (int q = 0; q < groups; ++q) total += red[q * kFuseChunk + threadIdx.x];  // fixed order
       const acc_t rv = total * inv_norm;
       rk[c] = rv;
-      contrib = wgt[c] * rv + wgt[C + c] * gk[c];
+      contrib = ld<scalar_t, acc_t>(wgt, c) * rv + ld<scalar_t, acc_t>(wgt, C + c) * ld<scalar_t, acc_t>(glob, gk + c);
     }
   } else {
     // Warp per channel: lanes walk the support pixels of one channel plane.
@@ -326,7 +300,8 @@ __global__ void roi_pool_fuse_r_kernel(const scalar_t* __restrict__ feat, const 
       if (lane == 0) {
         const acc_t rv = sum * inv_norm;
         rk[c] = rv;
-        contrib += wgt[c] * rv + wgt[C + c] * gk[c];
+        contrib += ld<scalar_t, acc_t>(wgt, c) * rv +
+                   ld<scalar_t, acc_t>(wgt, C + c) * ld<scalar_t, acc_t>(glob, gk + c);
       }
     }
   }
@@ -337,24 +312,24 @@ __global__ void roi_pool_fuse_r_kernel(const scalar_t* __restrict__ feat, const 
 // Fused forward, phase 2: the gate a_k = sigmoid(bias + sum of the logit parts) and
 // z_k = a_k r_k + (1 - a_k) g_k. Grid (K).
 template <typename scalar_t, typename acc_t>
-__global__ void roi_pool_fuse_gate_kernel(const acc_t* __restrict__ rois, const acc_t* __restrict__ glob,
-                                          const acc_t* __restrict__ bias, const acc_t* __restrict__ r,
-                                          const acc_t* __restrict__ part, scalar_t* __restrict__ z,
-                                          acc_t* __restrict__ a_out, int C, int nparts) {
+__global__ void roi_pool_fuse_gate_kernel(const acc_t* __restrict__ rois, Param glob, Param bias,
+                                          const acc_t* __restrict__ r, const acc_t* __restrict__ part,
+                                          scalar_t* __restrict__ z, acc_t* __restrict__ a_out, int B, int C,
+                                          int nparts) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* scratch = reinterpret_cast<acc_t*>(smem_raw);  // 33 values (dynamic: see fuse_small_smem)
   const int64_t k = blockIdx.x;
-  const int64_t b = static_cast<int64_t>(rois[k * 5]);
+  const int64_t bk = roi_batch(rois + k * 5, static_cast<int64_t>(B));
+  const int64_t b = bk >= 0 ? bk : 0;  // an invalid roi's parts are NaN: z is NaN whatever b
   acc_t s = acc_t(0);
   for (int j = threadIdx.x; j < nparts; j += blockDim.x) s += part[k * nparts + j];
-  const acc_t logit = block_sum(s, scratch) + bias[0];
+  const acc_t logit = block_sum(s, scratch) + ld<scalar_t, acc_t>(bias, 0);
   const acc_t a = acc_t(1) / (acc_t(1) + exp(-logit));
   if (threadIdx.x == 0) a_out[k] = a;
   const acc_t* rk = r + k * C;
-  const acc_t* gk = glob + b * C;
   scalar_t* zk = z + k * C;
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    zk[c] = static_cast<scalar_t>(a * rk[c] + (acc_t(1) - a) * gk[c]);
+    zk[c] = static_cast<scalar_t>(a * rk[c] + (acc_t(1) - a) * ld<scalar_t, acc_t>(glob, b * C + c));
   }
 }
 
@@ -362,20 +337,26 @@ __global__ void roi_pool_fuse_gate_kernel(const acc_t* __restrict__ rois, const 
 // gate_weight and gate_bias (atomics: rois of one image share global_feat[b]). Grid (K).
 template <typename scalar_t, typename acc_t>
 __global__ void roi_pool_fuse_ds_kernel(const scalar_t* __restrict__ gz, const acc_t* __restrict__ rois,
-                                        const acc_t* __restrict__ glob, const acc_t* __restrict__ wgt,
-                                        const acc_t* __restrict__ r, const acc_t* __restrict__ a_in,
-                                        acc_t* __restrict__ ds_out, acc_t* __restrict__ gglob,
-                                        acc_t* __restrict__ gw, acc_t* __restrict__ gbias, int C) {
+                                        Param glob, Param wgt, const acc_t* __restrict__ r,
+                                        const acc_t* __restrict__ a_in, acc_t* __restrict__ ds_out,
+                                        acc_t* __restrict__ gglob, acc_t* __restrict__ gw,
+                                        acc_t* __restrict__ gbias, int B, int C) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* scratch = reinterpret_cast<acc_t*>(smem_raw);  // 33 values (dynamic: see fuse_small_smem)
   const int64_t k = blockIdx.x;
-  const int64_t b = static_cast<int64_t>(rois[k * 5]);
+  const int64_t b = roi_batch(rois + k * 5, static_cast<int64_t>(B));
+  if (b < 0) {  // invalid roi: no gradient (uniform over the block)
+    if (threadIdx.x == 0) ds_out[k] = acc_t(0);
+    return;
+  }
   const scalar_t* gzk = gz + k * C;
   const acc_t* rk = r + k * C;
-  const acc_t* gk = glob + b * C;
+  const int64_t gk = b * C;
   const acc_t a = a_in[k];
   acc_t da = acc_t(0);
-  for (int c = threadIdx.x; c < C; c += blockDim.x) da += static_cast<acc_t>(gzk[c]) * (rk[c] - gk[c]);
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    da += static_cast<acc_t>(gzk[c]) * (rk[c] - ld<scalar_t, acc_t>(glob, gk + c));
+  }
   da = block_sum(da, scratch);
   const acc_t ds = da * a * (acc_t(1) - a);
   if (threadIdx.x == 0) {
@@ -383,9 +364,9 @@ __global__ void roi_pool_fuse_ds_kernel(const scalar_t* __restrict__ gz, const a
     atomicAdd(gbias, ds);
   }
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    atomicAdd(gglob + b * C + c, (acc_t(1) - a) * static_cast<acc_t>(gzk[c]) + ds * wgt[C + c]);
+    atomicAdd(gglob + gk + c, (acc_t(1) - a) * static_cast<acc_t>(gzk[c]) + ds * ld<scalar_t, acc_t>(wgt, C + c));
     atomicAdd(gw + c, ds * rk[c]);
-    atomicAdd(gw + C + c, ds * gk[c]);
+    atomicAdd(gw + C + c, ds * ld<scalar_t, acc_t>(glob, gk + c));
   }
 }
 
@@ -393,9 +374,9 @@ __global__ void roi_pool_fuse_ds_kernel(const scalar_t* __restrict__ gz, const a
 // weights, one atomicAdd per (support pixel, channel). Grid (K, ceil(C / kFuseChunk)).
 template <typename scalar_t, typename acc_t>
 __global__ void roi_pool_fuse_scatter_kernel(const scalar_t* __restrict__ gz, const acc_t* __restrict__ rois,
-                                             const acc_t* __restrict__ wgt, const acc_t* __restrict__ a_in,
+                                             Param wgt, const acc_t* __restrict__ a_in,
                                              const acc_t* __restrict__ ds_in, acc_t* __restrict__ gfeat,
-                                             acc_t scale, int C, int H, int W, int S, int sampling_ratio,
+                                             acc_t scale, int B, int C, int H, int W, int S, int sampling_ratio,
                                              bool aligned, bool channels_last) {
   extern __shared__ unsigned char smem_raw[];
   const Support<acc_t> sp = carve<acc_t>(smem_raw, H, W);
@@ -403,13 +384,14 @@ __global__ void roi_pool_fuse_scatter_kernel(const scalar_t* __restrict__ gz, co
   const int64_t k = blockIdx.x;
   const int c0 = blockIdx.y * kFuseChunk;
   const int ct = min(kFuseChunk, C - c0);
-  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned);
+  const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned, B);
+  if (!g.valid) return;  // no gradient from an invalid roi (uniform over the block)
   build_support(g, S, H, W, sp);
   const acc_t a = a_in[k], ds = ds_in[k];
   const acc_t inv_norm = acc_t(1) / (g.count * static_cast<acc_t>(S * S));
   for (int t = threadIdx.x; t < ct; t += blockDim.x) {
     const int c = c0 + t;
-    dr_tile[t] = (a * static_cast<acc_t>(gz[k * C + c]) + ds * wgt[c]) * inv_norm;
+    dr_tile[t] = (a * static_cast<acc_t>(gz[k * C + c]) + ds * ld<scalar_t, acc_t>(wgt, c)) * inv_norm;
   }
   __syncthreads();
   const int nr = sp.counts[0], nc = sp.counts[1];
