@@ -1,9 +1,11 @@
 """Triton kernels of the ROI ops: RoIAlign and the fused RoIAlign-mean-gate ``roi_pool_fuse``.
 
-The four launchers keep the raw-kernel contract of INTERFACES.md (same names and arguments as
-``torch.ops.regionmed_fast_C.*``); validation of boxes happens in ``regionmed_fast/ops/roi.py``.
+The four launchers keep the raw-kernel contract of docs/roi.md (same names and arguments as
+``torch.ops.regionmed_fast_C.*``): they trust their caller, ``regionmed_fast/ops/roi.py``, which
+checks the boxes. An invalid roi (a non-finite coordinate, a batch index that is not an integer
+in [0, B)) gets NaN outputs and contributes no gradient, as in the C++ and CUDA kernels.
 
-Design (see also /tmp/team/README-roi-gpu.md):
+Design (docs/roi-gpu-kernels.md has the measurements):
 
 * torchvision's bilinear sampling is *separable*. The samples of one roi form a Cartesian grid
   (y depends on (ph, iy) only, x on (pw, ix) only), the "outside the map" test is a per-axis
@@ -48,7 +50,7 @@ def _autotune_enabled() -> bool:
 
 # Runtime scalars are not specialised on their value (== 1, % 16): each distinct pattern would
 # be another compilation, and shape fuzzing on a GPU would spend minutes compiling.
-_NO_SPECIALIZE = ["sampling_ratio", "aligned", "C", "H", "W", "s_b", "s_c", "s_y", "s_x"]
+_NO_SPECIALIZE = ["sampling_ratio", "aligned", "B", "C", "H", "W", "s_b", "s_c", "s_y", "s_x"]
 
 
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -91,17 +93,27 @@ def _scaled(v, scale_hi, scale_lo):
 
 
 @triton.jit
-def _roi_geometry(rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, PH: tl.constexpr,
+def _roi_geometry(rois_ptr, k, B, scale_hi, scale_lo, sampling_ratio, aligned, PH: tl.constexpr,
                   PW: tl.constexpr, ACC: tl.constexpr):
-    """torchvision's per-roi sampling geometry (start, bin size, samples per bin, count)."""
+    """torchvision's per-roi sampling geometry (start, bin size, samples per bin, count), and
+    whether the roi is valid. An invalid roi gets image 0, no samples and a NaN count, so its
+    outputs come out NaN and its loops do nothing."""
     base = rois_ptr + k.to(tl.int64) * 5
-    b = tl.load(base).to(tl.int32)
+    bf = tl.load(base).to(ACC)
+    x1 = tl.load(base + 1).to(ACC)
+    y1 = tl.load(base + 2).to(ACC)
+    x2 = tl.load(base + 3).to(ACC)
+    y2 = tl.load(base + 4).to(ACC)
+    # v - v is 0 exactly for finite v (NaN for NaN and infinities)
+    finite = ((bf - bf) == 0.0) & ((x1 - x1) == 0.0) & ((y1 - y1) == 0.0) & ((x2 - x2) == 0.0) & ((y2 - y2) == 0.0)
+    valid = finite & (bf >= 0.0) & (bf < B * 1.0) & (bf == tl.floor(bf))
+    b = tl.where(valid, bf, 0.0).to(tl.int32)
     is_aligned = aligned != 0
     off = tl.where(is_aligned, 0.5, 0.0)
-    start_w = _scaled(tl.load(base + 1).to(ACC), scale_hi, scale_lo) - off
-    start_h = _scaled(tl.load(base + 2).to(ACC), scale_hi, scale_lo) - off
-    roi_w = _scaled(tl.load(base + 3).to(ACC), scale_hi, scale_lo) - off - start_w
-    roi_h = _scaled(tl.load(base + 4).to(ACC), scale_hi, scale_lo) - off - start_h
+    start_w = _scaled(x1, scale_hi, scale_lo) - off
+    start_h = _scaled(y1, scale_hi, scale_lo) - off
+    roi_w = _scaled(x2, scale_hi, scale_lo) - off - start_w
+    roi_h = _scaled(y2, scale_hi, scale_lo) - off - start_h
     # the legacy (not aligned) mode forces malformed rois to 1x1
     roi_w = tl.where(is_aligned, roi_w, tl.maximum(roi_w, 1.0))
     roi_h = tl.where(is_aligned, roi_h, tl.maximum(roi_h, 1.0))
@@ -111,10 +123,10 @@ def _roi_geometry(rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, PH: 
     adaptive = sampling_ratio <= 0
     grid_h = tl.where(adaptive, tl.ceil(bin_h).to(tl.int32), sampling_ratio)
     grid_w = tl.where(adaptive, tl.ceil(bin_w).to(tl.int32), sampling_ratio)
-    grid_h = tl.maximum(grid_h, 0)
-    grid_w = tl.maximum(grid_w, 0)
-    count = tl.maximum(grid_h * grid_w, 1).to(ACC)
-    return b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count
+    grid_h = tl.where(valid, tl.maximum(grid_h, 0), 0)
+    grid_w = tl.where(valid, tl.maximum(grid_w, 0), 0)
+    count = tl.where(valid, tl.maximum(grid_h * grid_w, 1).to(ACC), float("nan"))
+    return b, valid, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count
 
 
 @triton.jit
@@ -193,14 +205,14 @@ def _align_fwd_configs():
                  prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _roi_align_fwd_kernel(feat_ptr, rois_ptr, out_ptr, scale_hi, scale_lo, sampling_ratio, aligned,
-                          C, H, W, s_b, s_c, s_y, s_x,
+                          B, C, H, W, s_b, s_c, s_y, s_x,
                           PH: tl.constexpr, PW: tl.constexpr, CL: tl.constexpr,
                           VEC: tl.constexpr, ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
                           BLOCK_PW: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, PH, PW, ACC)
+    b, valid, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, B, scale_hi, scale_lo, sampling_ratio, aligned, PH, PW, ACC)
     hf = H * 1.0
     wf = W * 1.0
     ph = tl.arange(0, BLOCK_PH)
@@ -242,22 +254,21 @@ def _align_bwd_configs():
 
 # Backward kernels accumulate with atomics into their outputs, so they are not tuned: a timing
 # pass would run them on the live buffers and rely on reset_to_zero for correctness. One config
-# means no timing pass at all. (The doubled gradients first seen on the H200 were the replicated
-# atomic values described in the kernel below, not the tuner.)
+# means no timing pass at all.
 @triton.autotune(configs=_align_bwd_configs()[:1], key=["C", "H", "W", "PH", "PW", "CL"],
                  prune_configs_by=_PRUNE,
                  reset_to_zero=["gfeat_ptr"])
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sampling_ratio,
                           aligned,
-                          C, H, W, s_b, s_c, s_y, s_x,
+                          B, C, H, W, s_b, s_c, s_y, s_x,
                           PH: tl.constexpr, PW: tl.constexpr, CL: tl.constexpr,
                           VEC: tl.constexpr, ACC: tl.constexpr, BLOCK_PH: tl.constexpr,
                           BLOCK_PW: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, PH, PW, ACC)
+    b, valid, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, B, scale_hi, scale_lo, sampling_ratio, aligned, PH, PW, ACC)
     hf = H * 1.0
     wf = W * 1.0
     ph = tl.arange(0, BLOCK_PH)
@@ -266,9 +277,9 @@ def _roi_align_bwd_kernel(grad_ptr, rois_ptr, gfeat_ptr, scale_hi, scale_lo, sam
     cmask = cc < C
     ph_f = ph.to(ACC)
     # The value handed to tl.atomic_add must not come out of a reduction over an axis of a 3-D
-    # register tensor: on triton 3.6 (H200, compiled) such a SliceLayout is replicated across the
-    # threads that held the reduced axis, every replica issues the atomic and the gradient comes
-    # back 2x/8x. So `d` [C, J] is built only from 1-D factors broadcast into 2-D (as the fused
+    # register tensor: compiled (triton 3.6), such a SliceLayout is replicated across the threads
+    # that held the reduced axis, every replica issues the atomic and the gradient comes back
+    # 2x/8x (docs/roi-gpu-kernels.md). So `d` [C, J] is built only from 1-D factors broadcast into 2-D (as the fused
     # backward does): one grad column [C, PH] per bin column pw, reduced over PH with `ay`.
     g_base = grad_ptr + k.to(tl.int64) * C * PH * PW
     g_rows = g_base + cc[:, None] * (PH * PW) + ph[None, :] * PW                 # [C, PH]
@@ -338,13 +349,13 @@ def _fuse_fwd_configs():
                  prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _roi_pool_fuse_fwd_kernel(feat_ptr, rois_ptr, glob_ptr, wgt_ptr, bias_ptr, z_ptr, r_ptr,
-                              a_ptr, scale_hi, scale_lo, sampling_ratio, aligned, C, H, W,
+                              a_ptr, scale_hi, scale_lo, sampling_ratio, aligned, B, C, H, W,
                               s_b, s_c, s_y, s_x, S: tl.constexpr, CL: tl.constexpr,
                               VEC: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                               BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, S, S, ACC)
+    b, valid, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, B, scale_hi, scale_lo, sampling_ratio, aligned, S, S, ACC)
     norm = count * (S * S)
     boff = b.to(tl.int64) * s_b
     glob_b = glob_ptr + b.to(tl.int64) * C
@@ -383,14 +394,14 @@ def _fuse_bwd_configs():
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
                               gfeat_ptr, gglob_ptr, gw_ptr, gb_ptr,
-                              scale_hi, scale_lo, sampling_ratio, aligned, C, H, W,
+                              scale_hi, scale_lo, sampling_ratio, aligned, B, C, H, W,
                               s_b, s_c, s_y, s_x, S: tl.constexpr, CL: tl.constexpr,
                               VEC: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
                               BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr):
     k = tl.program_id(0)
     cb = tl.program_id(1)
-    b, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
-        rois_ptr, k, scale_hi, scale_lo, sampling_ratio, aligned, S, S, ACC)
+    b, valid, start_h, start_w, bin_h, bin_w, grid_h, grid_w, count = _roi_geometry(
+        rois_ptr, k, B, scale_hi, scale_lo, sampling_ratio, aligned, S, S, ACC)
     norm = count * (S * S)
     gz_k = gz_ptr + k.to(tl.int64) * C
     r_k = r_ptr + k.to(tl.int64) * C
@@ -414,12 +425,14 @@ def _roi_pool_fuse_bwd_kernel(gz_ptr, rois_ptr, glob_ptr, wgt_ptr, r_ptr, a_ptr,
     g = tl.load(glob_b + cc, mask=cmask, other=0.0).to(ACC)
     w0 = tl.load(wgt_ptr + cc, mask=cmask, other=0.0).to(ACC)
     w1 = tl.load(wgt_ptr + C + cc, mask=cmask, other=0.0).to(ACC)
-    tl.atomic_add(gglob_ptr + b.to(tl.int64) * C + cc, (1.0 - a) * gz + ds * w1, mask=cmask,
+    # an invalid roi (NaN r and a) adds nothing; its scatter below has no samples
+    vmask = tl.where(valid, cmask, False)  # (not cmask & valid: the interpreter cannot broadcast it)
+    tl.atomic_add(gglob_ptr + b.to(tl.int64) * C + cc, (1.0 - a) * gz + ds * w1, mask=vmask,
                   sem="relaxed")
-    tl.atomic_add(gw_ptr + cc, ds * r, mask=cmask, sem="relaxed")
-    tl.atomic_add(gw_ptr + C + cc, ds * g, mask=cmask, sem="relaxed")
+    tl.atomic_add(gw_ptr + cc, ds * r, mask=vmask, sem="relaxed")
+    tl.atomic_add(gw_ptr + C + cc, ds * g, mask=vmask, sem="relaxed")
     if cb == 0:
-        tl.atomic_add(gb_ptr, ds, sem="relaxed")
+        tl.atomic_add(gb_ptr, ds, mask=valid, sem="relaxed")
     dr = (a * gz + ds * w0) / norm
     # Scatter dr through the separable roi weights: one atomic per (pixel, channel).
     hf = H * 1.0
@@ -537,7 +550,7 @@ def roi_align_forward(features: torch.Tensor, rois: torch.Tensor, spatial_scale:
     grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
     with _on(features.device):
         _roi_align_fwd_kernel[grid](
-            features, rois, out, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
+            features, rois, out, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), B, C, H, W,
             s_b, s_c, s_y, s_x,
             PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
                 VEC=_vec(C, channels_last),
@@ -568,7 +581,7 @@ def roi_align_backward(grad: torch.Tensor, rois: torch.Tensor, spatial_scale: fl
         grid = lambda meta: (K, triton.cdiv(C, meta["BLOCK_C"]))  # noqa: E731
         with _on(grad.device):
             _roi_align_bwd_kernel[grid](
-                grad, rois, gfeat, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), C, H, W,
+                grad, rois, gfeat, s_hi, s_lo, int(sampling_ratio), int(bool(aligned)), B, C, H, W,
                 s_b, s_c, s_y, s_x,
                 PH=int(pooled_h), PW=int(pooled_w), CL=bool(channels_last),
                 VEC=_vec(C, channels_last),
@@ -582,7 +595,7 @@ def roi_pool_fuse_forward(features: torch.Tensor, rois: torch.Tensor, global_fea
                           spatial_scale: float, output_size: int, sampling_ratio: int,
                           aligned: bool, channels_last: bool
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fused RoIAlign + bin mean + scalar gate (DESIGN.md 3.2) without the [K, C, S, S] tensor.
+    """Fused RoIAlign + bin mean + scalar gate (docs/roi.md) without the [K, C, S, S] tensor.
 
     Returns ``z`` [K, C] in ``features.dtype`` and ``r`` [K, C], ``a`` [K] in the accumulation
     dtype (float32; float64 for float64 features)."""
@@ -616,7 +629,7 @@ def roi_pool_fuse_forward(features: torch.Tensor, rois: torch.Tensor, global_fea
     with _on(features.device):
         _roi_pool_fuse_fwd_kernel[(K,)](
             features, rois, global_feat, gate_weight, gate_bias, z, r, a, s_hi, s_lo,
-            int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x,
+            int(sampling_ratio), int(bool(aligned)), B, C, H, W, s_b, s_c, s_y, s_x,
             S=int(output_size),
             CL=bool(channels_last), VEC=_vec(C, channels_last), ACC=_tl_acc(features.dtype),
             BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))
@@ -639,9 +652,9 @@ def roi_pool_fuse_backward(grad_z: torch.Tensor, rois: torch.Tensor, global_feat
     K = rois.shape[0]
     B, H, W = int(batch), int(height), int(width)
     C = global_feat.shape[1]
-    if tuple(grad_z.shape) != (K, C):
-        raise ValueError(f"roi_pool_fuse_backward: grad_z must be [K, C] = [{K}, {C}], "
-                         f"got {list(grad_z.shape)}")
+    if tuple(grad_z.shape) != (K, C) or global_feat.shape[0] != B:
+        raise ValueError(f"roi_pool_fuse_backward: grad_z must be [K, C] = [{K}, {C}] and global_feat "
+                         f"[B, C] = [{B}, {C}], got {list(grad_z.shape)} and {list(global_feat.shape)}")
     acc_dt = _acc_dtype(grad_z.dtype)
     r = r.to(acc_dt).contiguous()
     a = a.to(acc_dt).reshape(-1).contiguous()
@@ -661,7 +674,7 @@ def roi_pool_fuse_backward(grad_z: torch.Tensor, rois: torch.Tensor, global_feat
         with _on(grad_z.device):
             _roi_pool_fuse_bwd_kernel[grid](
                 grad_z, rois, global_feat, gate_weight, r, a, gfeat, gglob, gw, gb, s_hi, s_lo,
-                int(sampling_ratio), int(bool(aligned)), C, H, W, s_b, s_c, s_y, s_x,
+                int(sampling_ratio), int(bool(aligned)), B, C, H, W, s_b, s_c, s_y, s_x,
                 S=int(output_size),
                 CL=bool(channels_last), VEC=_vec(C, channels_last), ACC=_tl_acc(grad_z.dtype),
                 BLOCK_S=triton.next_power_of_2(output_size), BLOCK_J=_block_j(W))

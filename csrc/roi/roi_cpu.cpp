@@ -546,6 +546,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
   const int64_t K = rois.size(0), C = global_in.size(1);
   TORCH_CHECK(grad_z_in.size(0) == K && grad_z_in.size(1) == C,
               "roi_pool_fuse_backward: grad_z must be [K, C] = [", K, ", ", C, "], got ", grad_z_in.sizes());
+  TORCH_CHECK(global_in.size(0) == B, "roi_pool_fuse_backward: global_feat must be [B, C] with B = ", B);
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.size(0) == 2 && weight_in.size(1) == C,
+              "roi_pool_fuse_backward: gate_weight must be [2, C]");
   TORCH_CHECK(r_in.dim() == 2 && r_in.size(0) == K && r_in.size(1) == C, "roi_pool_fuse_backward: r must be [K, C]");
   TORCH_CHECK(a_in.numel() == K, "roi_pool_fuse_backward: a must be [K]");
   TORCH_CHECK(H * W < INT32_MAX, "roi_pool_fuse_backward: feature map too large");

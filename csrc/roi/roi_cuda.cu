@@ -23,8 +23,8 @@
 //
 // Launches per call (docs/roi-gpu-kernels.md counts them): nothing here reads a value back to the
 // host, so the ops can be captured in a CUDA graph. global_feat, gate_weight and gate_bias are
-// read by the kernels in the features' dtype or in float (no cast launch); the backward zeroes one
-// accumulation buffer for the features' gradient and one for the three small gradients.
+// read by the kernels in the features' dtype or in float (no cast launch), and the fused backward's
+// first kernel zeroes its accumulation buffers itself (no memset launches).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -216,12 +216,6 @@ std::tuple<Tensor, Tensor, Tensor> roi_pool_fuse_forward(
   return {z, r, a};
 }
 
-// Views [B, C], [2, C] and [1] of one buffer holding the three small gradients in that order.
-std::tuple<Tensor, Tensor, Tensor> split_small(const Tensor& buf, int64_t B, int64_t C) {
-  return {buf.narrow(0, 0, B * C).view({B, C}), buf.narrow(0, B * C, 2 * C).view({2, C}),
-          buf.narrow(0, B * C + 2 * C, 1)};
-}
-
 std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
     const Tensor& grad_z_in, const Tensor& rois_in, const Tensor& global_in, const Tensor& weight_in,
     const Tensor& r_in, const Tensor& a_in, double spatial_scale, int64_t S, int64_t sampling_ratio,
@@ -241,16 +235,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
   TORCH_CHECK(r_in.dim() == 2 && r_in.size(0) == K && r_in.size(1) == C, "roi_pool_fuse_backward: r must be [K, C]");
   TORCH_CHECK(a_in.numel() == K, "roi_pool_fuse_backward: a must be [K]");
   TORCH_CHECK(weight_in.size(0) == 2 && weight_in.size(1) == C, "roi_pool_fuse_backward: gate_weight must be [2, C]");
-  for (int64_t v : {B, C, H, W, K, H * W, S * S, B * C + 2 * C + 1}) check_int_range(v, "size");
-  const Tensor r = r_in.to(acc).contiguous();
-  const Tensor a = a_in.to(acc).reshape({K}).contiguous();
+  for (int64_t v : {B, C, H, W, K, H * W, S * S}) check_int_range(v, "size");
   const std::vector<int64_t> shape = channels_last ? std::vector<int64_t>{B, H, W, C}
                                                    : std::vector<int64_t>{B, C, H, W};
-  Tensor gf = at::zeros(shape, grad_z.options().dtype(acc));
-  Tensor small = at::zeros({B * C + 2 * C + 1}, grad_z.options().dtype(acc));
-  Tensor g_global, g_weight, g_bias;
-  std::tie(g_global, g_weight, g_bias) = split_small(small, B, C);
-  if (K > 0 && C > 0) {  // an empty map still has global / gate gradients
+  const auto acc_opts = grad_z.options().dtype(acc);
+  const bool run = K > 0 && C > 0;  // an empty map still has global / gate gradients
+  // Accumulation buffers: zeroed by the first kernel when it runs, else here.
+  auto buffer = [&](at::IntArrayRef size) { return run ? at::empty(size, acc_opts) : at::zeros(size, acc_opts); };
+  Tensor gf = buffer(shape), g_global = buffer({B, C}), g_weight = buffer({2, C}), g_bias = buffer({1});
+  if (run) {
+    const Tensor r = r_in.to(acc).contiguous();
+    const Tensor a = a_in.to(acc).reshape({K}).contiguous();
     Tensor gl, wt;
     const Param p_glob = as_param(global_in, gt, acc, gl);
     const Param p_wgt = as_param(weight_in, gt, acc, wt);
@@ -259,34 +254,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> roi_pool_fuse_backward(
       using acc_t = at::opmath_type<scalar_t>;
       const int64_t smem = fuse_smem(H, W, sizeof(acc_t));
       TORCH_CHECK(smem <= kSmemLimit, "roi_pool_fuse_backward (cuda): feature map ", H, "x", W, " too large");
-      // Phase 1 (block per roi): ds_k and the global / gate gradients. Phase 2 (block per roi and
-      // 64-channel chunk): the scatter into grad_features.
-      Tensor ds = at::empty({K}, grad_z.options().dtype(acc));
-      roi_pool_fuse_ds_kernel<scalar_t, acc_t><<<static_cast<unsigned>(K), kThreads,
+      // Phase 1: zero the accumulation buffers, ds_k per roi. Phase 2 (block per roi and 64-channel
+      // chunk): the global / gate gradients and the scatter into grad_features.
+      Tensor ds = at::empty({K}, acc_opts);
+      ZeroList<acc_t> zero{{gf.mutable_data_ptr<acc_t>(), g_global.mutable_data_ptr<acc_t>(),
+                            g_weight.mutable_data_ptr<acc_t>(), g_bias.mutable_data_ptr<acc_t>()},
+                           {gf.numel(), g_global.numel(), g_weight.numel(), g_bias.numel()}};
+      const int64_t blocks = ds_blocks(K, gf.numel() + g_global.numel());
+      check_int_range(blocks, "blocks");
+      roi_pool_fuse_ds_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads,
                                                  static_cast<size_t>(fuse_small_smem(sizeof(acc_t))), stream>>>(
-          grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), p_glob, p_wgt, r.const_data_ptr<acc_t>(),
-          a.const_data_ptr<acc_t>(), ds.mutable_data_ptr<acc_t>(), g_global.mutable_data_ptr<acc_t>(),
-          g_weight.mutable_data_ptr<acc_t>(), g_bias.mutable_data_ptr<acc_t>(), static_cast<int>(B),
+          grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), p_glob, r.const_data_ptr<acc_t>(),
+          a.const_data_ptr<acc_t>(), ds.mutable_data_ptr<acc_t>(), zero, static_cast<int>(K), static_cast<int>(B),
           static_cast<int>(C));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (H > 0 && W > 0) {
-        const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>((C + kFuseChunk - 1) / kFuseChunk));
-        roi_pool_fuse_scatter_kernel<scalar_t, acc_t><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(
-            grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), p_wgt, a.const_data_ptr<acc_t>(),
-            ds.const_data_ptr<acc_t>(), gf.mutable_data_ptr<acc_t>(), static_cast<acc_t>(spatial_scale),
-            static_cast<int>(B), static_cast<int>(C), static_cast<int>(H), static_cast<int>(W), static_cast<int>(S),
-            static_cast<int>(sampling_ratio), aligned, channels_last);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      const dim3 grid(static_cast<unsigned>(K), static_cast<unsigned>((C + kFuseChunk - 1) / kFuseChunk));
+      roi_pool_fuse_scatter_kernel<scalar_t, acc_t><<<grid, kThreads, static_cast<size_t>(smem), stream>>>(
+          grad_z.const_data_ptr<scalar_t>(), rois.const_data_ptr<acc_t>(), p_glob, p_wgt, r.const_data_ptr<acc_t>(),
+          a.const_data_ptr<acc_t>(), ds.const_data_ptr<acc_t>(), gf.mutable_data_ptr<acc_t>(),
+          g_global.mutable_data_ptr<acc_t>(), g_weight.mutable_data_ptr<acc_t>(), g_bias.mutable_data_ptr<acc_t>(),
+          static_cast<acc_t>(spatial_scale), static_cast<int>(B), static_cast<int>(C), static_cast<int>(H),
+          static_cast<int>(W), static_cast<int>(S), static_cast<int>(sampling_ratio), aligned, channels_last);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (gf.scalar_type() != gt) gf = gf.to(gt);
-  const auto glob_t = global_in.scalar_type(), wgt_t = weight_in.scalar_type();
-  if (glob_t == wgt_t) {  // one cast (or none) for the three small gradients
-    if (glob_t != acc) std::tie(g_global, g_weight, g_bias) = split_small(small.to(glob_t), B, C);
-    return {gf, g_global, g_weight, g_bias};
-  }
-  return {gf, g_global.to(glob_t), g_weight.to(wgt_t), g_bias.to(wgt_t)};
+  // Casts only where a dtype differs from the accumulation dtype (low-precision training).
+  auto as = [](const Tensor& t, at::ScalarType d) { return t.scalar_type() == d ? t : t.to(d); };
+  return {as(gf, gt), as(g_global, global_in.scalar_type()), as(g_weight, weight_in.scalar_type()),
+          as(g_bias, weight_in.scalar_type())};
 }
 
 }  // namespace

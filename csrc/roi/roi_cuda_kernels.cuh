@@ -4,6 +4,7 @@
 // outputs and contributes no gradient.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -333,51 +334,59 @@ __global__ void roi_pool_fuse_gate_kernel(const acc_t* __restrict__ rois, Param 
   }
 }
 
-// Fused backward, phase 1: ds_k = dL/d(gate logit) and the per-roi gradients of global_feat,
-// gate_weight and gate_bias (atomics: rois of one image share global_feat[b]). Grid (K).
+// Buffers the fused backward accumulates into with atomics (grad_features and the global / gate
+// gradients): zeroed by phase 1, so no memset launches precede it.
+template <typename acc_t>
+struct ZeroList {
+  acc_t* ptr[4];
+  int64_t n[4];
+};
+
+// Fused backward, phase 1: zeroes the accumulation buffers (grid-stride over all blocks) and
+// computes ds_k = dL/d(gate logit) for the rois of the first K blocks. Grid (max(K, zeroing blocks)).
 template <typename scalar_t, typename acc_t>
 __global__ void roi_pool_fuse_ds_kernel(const scalar_t* __restrict__ gz, const acc_t* __restrict__ rois,
-                                        Param glob, Param wgt, const acc_t* __restrict__ r,
-                                        const acc_t* __restrict__ a_in, acc_t* __restrict__ ds_out,
-                                        acc_t* __restrict__ gglob, acc_t* __restrict__ gw,
-                                        acc_t* __restrict__ gbias, int B, int C) {
+                                        Param glob, const acc_t* __restrict__ r, const acc_t* __restrict__ a_in,
+                                        acc_t* __restrict__ ds_out, ZeroList<acc_t> zero, int K, int B, int C) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* scratch = reinterpret_cast<acc_t*>(smem_raw);  // 33 values (dynamic: see fuse_small_smem)
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int j = 0; j < 4; ++j) {
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < zero.n[j]; i += stride) {
+      zero.ptr[j][i] = acc_t(0);
+    }
+  }
   const int64_t k = blockIdx.x;
+  if (k >= K) return;  // a zeroing-only block (uniform over the block)
   const int64_t b = roi_batch(rois + k * 5, static_cast<int64_t>(B));
-  if (b < 0) {  // invalid roi: no gradient (uniform over the block)
+  if (b < 0) {  // invalid roi: no gradient
     if (threadIdx.x == 0) ds_out[k] = acc_t(0);
     return;
   }
   const scalar_t* gzk = gz + k * C;
   const acc_t* rk = r + k * C;
   const int64_t gk = b * C;
-  const acc_t a = a_in[k];
   acc_t da = acc_t(0);
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     da += static_cast<acc_t>(gzk[c]) * (rk[c] - ld<scalar_t, acc_t>(glob, gk + c));
   }
   da = block_sum(da, scratch);
-  const acc_t ds = da * a * (acc_t(1) - a);
-  if (threadIdx.x == 0) {
-    ds_out[k] = ds;
-    atomicAdd(gbias, ds);
-  }
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    atomicAdd(gglob + gk + c, (acc_t(1) - a) * static_cast<acc_t>(gzk[c]) + ds * ld<scalar_t, acc_t>(wgt, C + c));
-    atomicAdd(gw + c, ds * rk[c]);
-    atomicAdd(gw + C + c, ds * ld<scalar_t, acc_t>(glob, gk + c));
-  }
+  const acc_t a = a_in[k];
+  if (threadIdx.x == 0) ds_out[k] = da * a * (acc_t(1) - a);
 }
 
-// Fused backward, phase 2: scatter dr = (a gz + ds w0) / (count S^2) through the roi's separable
-// weights, one atomicAdd per (support pixel, channel). Grid (K, ceil(C / kFuseChunk)).
+// Fused backward, phase 2, per (roi, 64-channel chunk): the chunk's share of the global / gate
+// gradients (atomics: rois of one image share global_feat[b]), then the scatter of
+// dr = (a gz + ds w0) / (count S^2) through the roi's separable weights, one atomicAdd per
+// (support pixel, channel). Grid (K, ceil(C / kFuseChunk)).
 template <typename scalar_t, typename acc_t>
 __global__ void roi_pool_fuse_scatter_kernel(const scalar_t* __restrict__ gz, const acc_t* __restrict__ rois,
-                                             Param wgt, const acc_t* __restrict__ a_in,
-                                             const acc_t* __restrict__ ds_in, acc_t* __restrict__ gfeat,
-                                             acc_t scale, int B, int C, int H, int W, int S, int sampling_ratio,
-                                             bool aligned, bool channels_last) {
+                                             Param glob, Param wgt, const acc_t* __restrict__ r,
+                                             const acc_t* __restrict__ a_in, const acc_t* __restrict__ ds_in,
+                                             acc_t* __restrict__ gfeat, acc_t* __restrict__ gglob,
+                                             acc_t* __restrict__ gw, acc_t* __restrict__ gbias, acc_t scale, int B,
+                                             int C, int H, int W, int S, int sampling_ratio, bool aligned,
+                                             bool channels_last) {
   extern __shared__ unsigned char smem_raw[];
   const Support<acc_t> sp = carve<acc_t>(smem_raw, H, W);
   acc_t* dr_tile = reinterpret_cast<acc_t*>(smem_raw + support_smem_bytes(H, W, sizeof(acc_t)));  // [chunk]
@@ -386,14 +395,19 @@ __global__ void roi_pool_fuse_scatter_kernel(const scalar_t* __restrict__ gz, co
   const int ct = min(kFuseChunk, C - c0);
   const Geom<acc_t> g = make_geom<acc_t>(rois + k * 5, scale, S, S, sampling_ratio, aligned, B);
   if (!g.valid) return;  // no gradient from an invalid roi (uniform over the block)
-  build_support(g, S, H, W, sp);
   const acc_t a = a_in[k], ds = ds_in[k];
+  const int64_t gk = g.batch * C;
+  if (blockIdx.y == 0 && threadIdx.x == 0) atomicAdd(gbias, ds);
   const acc_t inv_norm = acc_t(1) / (g.count * static_cast<acc_t>(S * S));
   for (int t = threadIdx.x; t < ct; t += blockDim.x) {
-    const int c = c0 + t;
-    dr_tile[t] = (a * static_cast<acc_t>(gz[k * C + c]) + ds * ld<scalar_t, acc_t>(wgt, c)) * inv_norm;
+    const int64_t c = c0 + t;
+    const acc_t gzc = static_cast<acc_t>(gz[k * C + c]);
+    atomicAdd(gglob + gk + c, (acc_t(1) - a) * gzc + ds * ld<scalar_t, acc_t>(wgt, C + c));
+    atomicAdd(gw + c, ds * r[k * C + c]);
+    atomicAdd(gw + C + c, ds * ld<scalar_t, acc_t>(glob, gk + c));
+    dr_tile[t] = (a * gzc + ds * ld<scalar_t, acc_t>(wgt, c)) * inv_norm;
   }
-  __syncthreads();
+  build_support(g, S, H, W, sp);  // its barriers also publish dr_tile to the whole block
   const int nr = sp.counts[0], nc = sp.counts[1];
   const int npix = nr * nc;
   const int64_t HW = static_cast<int64_t>(H) * W;
@@ -432,5 +446,12 @@ inline int64_t fuse_smem(int64_t H, int64_t W, int64_t acc_size) {
 
 // Shared memory of the per-roi gate / ds kernels: the block reduction's scratch.
 inline int64_t fuse_small_smem(int64_t acc_size) { return 33 * acc_size; }
+
+// Blocks of the fused backward's phase 1: one per roi, and enough for its grid-stride zeroing of
+// `zero_elems` values to run at memset speed (at most 2048 blocks for that).
+inline int64_t ds_blocks(int64_t K, int64_t zero_elems) {
+  const int64_t for_zeroing = std::min<int64_t>((zero_elems + kThreads * 8 - 1) / (kThreads * 8), 2048);
+  return std::max<int64_t>(K, for_zeroing);
+}
 
 }  // namespace regionmed::roi_cuda
