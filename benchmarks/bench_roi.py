@@ -1,4 +1,4 @@
-"""Benchmark of the ROI hot path: RoIAlign + mean over bins + gated fusion (DESIGN.md 3.2).
+"""Benchmark of the ROI hot path: RoIAlign + mean over bins + gated fusion (docs/roi.md).
 
 Baseline (what a user picks instead): ``torchvision.ops.roi_align`` on NCHW features (ViT tokens
 permuted to NCHW first), then mean over the S x S bins and the sigmoid gate in PyTorch. Against
@@ -7,7 +7,10 @@ it, in the same run: our ``reference`` backend, and ``cpu`` (on a CPU) or ``trit
 features, the global feature and the gate), with peak memory.
 
 Shapes: ViT-B/16 at 224 px (B=32, C=768, 14x14 NHWC tokens, 8 boxes per image, S=7,
-sampling_ratio=2, spatial_scale=1/16) and a CNN stage (B=8, C=256, 56x56 NCHW, spatial_scale=1/4).
+sampling_ratio=2, spatial_scale=1/16), a training-sized call as the model makes it (B=256 images on
+a GPU, 64 on a CPU, 4 boxes each, C=768, 14x14 tokens, S=2, sampling_ratio=2, aligned; fwd+bwd
+only) and a CNN stage (B=8, C=256, 56x56 NCHW, spatial_scale=1/4). On a GPU ``--quick`` keeps
+these shapes (they take milliseconds) with fewer repeats; on a CPU it shrinks them.
 Peak memory on the CPU is the resident-set peak measured in a child process with glibc's mmap
 threshold pinned (MALLOC_MMAP_THRESHOLD_), so that each large tensor shows up; times are taken
 in the parent with the default allocator.
@@ -28,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import runner  # noqa: E402
+import torchvision  # noqa: E402
 
 from regionmed_fast.ops import roi_pool_fuse  # noqa: E402
 from regionmed_fast.ops.roi import available_backends, roi_align  # noqa: E402
@@ -42,12 +46,10 @@ def make_boxes(batch: int, per_image: int, image_size: int, gen: torch.Generator
     return torch.cat([idx, xy, xy + wh], dim=1)
 
 
-def torchvision_path(features, rois, glob, w, b, S, scale, sr, layout):
+def torchvision_path(features, rois, glob, w, b, S, scale, sr, layout, aligned=False):
     """What a user writes without this library: permute to NCHW, RoIAlign, mean, gate."""
-    import torchvision
-
     f = features.permute(0, 3, 1, 2) if layout == "nhwc" else features
-    r = torchvision.ops.roi_align(f, rois, S, scale, sr, False).mean(dim=(2, 3))
+    r = torchvision.ops.roi_align(f, rois, S, scale, sr, aligned).mean(dim=(2, 3))
     g = glob.index_select(0, rois[:, 0].long())
     a = torch.sigmoid(r @ w[0] + g @ w[1] + b)
     return a[:, None] * r + (1 - a[:, None]) * g
@@ -62,7 +64,8 @@ def bandwidth_gbs(device: str, nbytes: int = 256 << 20) -> float:
 
 
 def cases_for(*, B: int, C: int, H: int, W: int, per_image: int, S: int, sr: int, image: int,
-              layout: str, device: str, dtype: torch.dtype, backends: list[str], gbs: float):
+              layout: str, device: str, dtype: torch.dtype, backends: list[str], gbs: float,
+              aligned: bool = False, modes: tuple[str, ...] = ("fwd", "fwd+bwd"), label: str = ""):
     gen = torch.Generator().manual_seed(0)
     scale = H / image
     shape = (B, H * W, C) if layout == "nhwc" else (B, C, H, W)
@@ -77,31 +80,29 @@ def cases_for(*, B: int, C: int, H: int, W: int, per_image: int, S: int, sr: int
     tv_dtype = dtype
     if dtype != torch.float32:
         try:  # torchvision's CUDA kernel lacks some low-precision types: upcast, as a user would
-            import torchvision  # noqa: F401  (registers torch.ops.torchvision)
-
             torch.ops.torchvision.roi_align(tv_feats.permute(0, 3, 1, 2) if layout == "nhwc" else tv_feats,
-                                            rois.to(dtype), 1.0, 2, 2, 2, False)
+                                            rois.to(dtype), 1.0, 2, 2, 2, aligned)
         except Exception:
             tv_dtype = torch.float32
 
     def ours(backend):
         def run(f, g, ww, bb):
-            return roi_pool_fuse(f, rois, g, ww, bb, S, scale, sr, False, layout, grid_size=grid, backend=backend)
+            return roi_pool_fuse(f, rois, g, ww, bb, S, scale, sr, aligned, layout, grid_size=grid, backend=backend)
         return run
 
     def tv(f, g, ww, bb):
         f4 = f.view(B, H, W, C) if layout == "nhwc" else f
         out = torchvision_path(f4.to(tv_dtype), rois.to(tv_dtype), g.to(tv_dtype), ww.to(tv_dtype),
-                               bb.to(tv_dtype), S, scale, sr, layout)
+                               bb.to(tv_dtype), S, scale, sr, layout, aligned)
         return out.to(dtype)
 
     impls = [("torchvision" + ("" if tv_dtype == dtype else " (fp32 upcast)"), tv)]
     impls += [(f"ours-{be}", ours(be)) for be in backends]
     dname = str(dtype).replace("torch.", "")
-    tag = f"{layout} B={B} C={C} {H}x{W} K={rois.shape[0]} S={S} {dname}"
+    tag = f"{label}{layout} B={B} C={C} {H}x{W} K={rois.shape[0]} S={S} {dname}"
     feat_bytes = feats.numel() * feats.element_size()
     cases, baselines, floors = [], {}, {}
-    for mode in ("fwd", "fwd+bwd"):
+    for mode in modes:
         group = f"{mode} {tag}"
         baselines[group] = impls[0][0]
         floors[group] = (feat_bytes * (1 if mode == "fwd" else 2)) / (gbs * 1e9) * 1e3
@@ -118,14 +119,13 @@ def cases_for(*, B: int, C: int, H: int, W: int, per_image: int, S: int, sr: int
                     return torch.autograd.grad((z * up).sum(), leaves)
             cases.append(runner.Case(label, call, group=group, device=device,
                                      meta={"mode": mode, "layout": layout, "dtype": dname, "B": B, "C": C,
-                                           "H": H, "W": W, "K": int(rois.shape[0]), "S": S}))
+                                           "H": H, "W": W, "K": int(rois.shape[0]), "S": S,
+                                           "aligned": aligned}))
     return cases, baselines, floors
 
 
 def align_cases(*, B, C, H, W, per_image, S, sr, image, device, backends):
     """Plain RoIAlign on ViT tokens: torchvision (permute + roi_align) vs ours (NHWC, no permute)."""
-    import torchvision
-
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randn(B, H * W, C, generator=gen).to(device)
     rois = make_boxes(B, per_image, image, gen).to(device)
@@ -179,18 +179,25 @@ def main(argv: list[str] | None = None) -> int:
     for b, why in skipped.items():
         print(f"  (skipping backend {b}: {why})")
     dtypes = [torch.float32] if device == "cpu" else [torch.float32, torch.bfloat16]
-    if args.quick:
-        vit = dict(B=4, C=128, H=14, W=14, per_image=8, S=7, sr=2, image=224, layout="nhwc")
-        cnn = dict(B=2, C=64, H=56, W=56, per_image=8, S=7, sr=2, image=224, layout="nchw")
-    else:
-        vit = dict(B=32, C=768, H=14, W=14, per_image=8, S=7, sr=2, image=224, layout="nhwc")
-        cnn = dict(B=8, C=256, H=56, W=56, per_image=8, S=7, sr=2, image=224, layout="nchw")
+    on_gpu = device != "cpu"
+    vit = dict(B=32, C=768, H=14, W=14, per_image=8, S=7, sr=2, image=224, layout="nhwc")
+    cnn = dict(B=8, C=256, H=56, W=56, per_image=8, S=7, sr=2, image=224, layout="nchw")
+    # the model's call (ROIConfig: output_size 2, sampling_ratio 2, aligned); 64 images on a CPU
+    # keep the torchvision baseline within the run's time budget
+    train = dict(B=256 if on_gpu else 64, C=768, H=14, W=14, per_image=4, S=2, sr=2, image=224, layout="nhwc",
+                 aligned=True, modes=("fwd+bwd",), label="train ")
+    if args.quick and not on_gpu:
+        vit.update(B=4, C=128)
+        cnn.update(B=2, C=64)
+        train.update(B=8, C=128)
     gbs = bandwidth_gbs(device)
     print(f"bench_roi on {runner.machine_tag()}: copy bandwidth {gbs:.1f} GB/s, threads {torch.get_num_threads()}")
     cases, baselines, floors = [], {}, {}
-    for shape in (vit, cnn):
+    for shape in (vit, train, cnn):
         for dtype in dtypes:
-            c, bl, fl = cases_for(**shape, device=device, dtype=dtype, backends=backends, gbs=gbs)
+            # the reference backend's gathers at the training size would dominate the run
+            be = [b for b in backends if not (b == "reference" and shape is train)]
+            c, bl, fl = cases_for(**shape, device=device, dtype=dtype, backends=be, gbs=gbs)
             cases += c
             baselines.update(bl)
             floors.update(fl)

@@ -153,10 +153,13 @@ def _sample_pos(start, bin_sz, p_idx, s, grid):
 @triton.jit
 def _support(start, bin_sz, grid, P: tl.constexpr, size):
     """Conservative [first, last] pixel range touched by the samples along one axis (empty
-    when the roi has no samples); pixels inside it may still get zero weight."""
+    when the roi has no samples); pixels inside it may still get zero weight. A reversed box
+    in aligned mode has a negative bin size: its samples run backwards from ``start``."""
     gridf = tl.maximum(grid, 1).to(start.dtype)
-    first = _sample_pos(start, bin_sz, 0, 0, gridf)
-    last = _sample_pos(start, bin_sz, P - 1, (gridf - 1.0), gridf)
+    end0 = _sample_pos(start, bin_sz, 0, 0, gridf)
+    end1 = _sample_pos(start, bin_sz, P - 1, (gridf - 1.0), gridf)
+    first = tl.minimum(end0, end1)
+    last = tl.maximum(end0, end1)
     top = size - 1.0
     lo = tl.maximum(tl.minimum(tl.maximum(first, 0.0), top).to(tl.int32), 0)  # 0 rows: empty
     hi = tl.minimum(tl.minimum(tl.maximum(last, 0.0), top).to(tl.int32) + 1, size - 1)

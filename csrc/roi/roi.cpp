@@ -1,4 +1,4 @@
-// Schemas of the raw ROI kernels (the contract in INTERFACES.md). They are defined once here;
+// Schemas of the raw ROI kernels (the raw-kernel contract in docs/roi.md). They are defined once here;
 // each backend registers its implementation under its dispatch key in its own file
 // (roi_cpu.cpp: CPU, roi_cuda.cu: CUDA). Autograd, validation and fake kernels live in Python
 // (regionmed_fast/ops/roi.py), which wraps these as torch.library custom ops.

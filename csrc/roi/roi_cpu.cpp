@@ -54,6 +54,7 @@ using roi::sample_pos;
 inline int64_t grain_for(int64_t n, double work) {
   const double min_work = g_parallel_min_work.load(std::memory_order_relaxed);
   if (n <= 1 || work < min_work) return std::max<int64_t>(n, 1);
+  if (!(min_work > 0) || !(work > 0)) return 1;  // threshold 0 (tests): one item per chunk
   return std::clamp<int64_t>(static_cast<int64_t>(static_cast<double>(n) * (min_work / 2) / work), 1, n);
 }
 

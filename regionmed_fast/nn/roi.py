@@ -20,12 +20,13 @@ class RoIPoolFuse(nn.Module):
 
     Args:
         channels: ``C``, the feature width.
-        output_size, spatial_scale, sampling_ratio, aligned, layout, backend: passed to the op.
+        output_size, spatial_scale, sampling_ratio, aligned, layout, check_boxes, backend: passed
+            to the op.
     """
 
     def __init__(self, channels: int, output_size: int = 7, spatial_scale: float = 1.0,
                  sampling_ratio: int = -1, aligned: bool = False, layout: str = "nchw",
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", check_boxes: bool | None = None) -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"RoIPoolFuse: channels must be positive, got {channels}")
@@ -36,6 +37,7 @@ class RoIPoolFuse(nn.Module):
         self.aligned = aligned
         self.layout = layout
         self.backend = backend
+        self.check_boxes = check_boxes
         self.gate_weight = nn.Parameter(torch.zeros(2, channels))
         self.gate_bias = nn.Parameter(torch.zeros(1))
 
@@ -49,9 +51,9 @@ class RoIPoolFuse(nn.Module):
         b = self.gate_bias.to(features.dtype)
         return roi_pool_fuse(features, boxes, global_feat, w, b, self.output_size, self.spatial_scale,
                              self.sampling_ratio, self.aligned, self.layout, grid_size=grid_size,
-                             return_parts=return_parts, backend=self.backend)
+                             return_parts=return_parts, check_boxes=self.check_boxes, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
                 f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned}, layout={self.layout!r}, "
-                f"backend={self.backend!r}")
+                f"check_boxes={self.check_boxes}, backend={self.backend!r}")

@@ -75,12 +75,16 @@ def fuse_reference(x, rois, g, w, bias, S, scale, sr, aligned):
     return a[:, None] * r + (1 - a[:, None]) * gk, r, a
 
 
-def random_rois(rng: random.Random, B: int, H: int, W: int, K: int, scale: float) -> torch.Tensor:
+def random_rois(rng: random.Random, B: int, H: int, W: int, K: int, scale: float,
+                reversed_ok: bool = True) -> torch.Tensor:
     rows = []
-    for _ in range(K):  # zero-area, sub-pixel, partly and wholly outside boxes
+    # zero-area, sub-pixel, partly and wholly outside, and reversed boxes (torchvision's CPU kernel
+    # cannot take reversed ones with aligned=True and adaptive sampling: reversed_ok=False there)
+    back = [-rng.uniform(0.2, 3)] if reversed_ok else []
+    for _ in range(K):
         x1, y1 = rng.uniform(-2, W + 1) / scale, rng.uniform(-2, H + 1) / scale
-        dw = rng.choice([0.0, 0.3, rng.uniform(0, W + 2)]) / scale
-        dh = rng.choice([0.0, 0.5, rng.uniform(0, H + 2)]) / scale
+        dw = rng.choice([0.0, 0.3, rng.uniform(0, W + 2), *back]) / scale
+        dh = rng.choice([0.0, 0.5, rng.uniform(0, H + 2), *back]) / scale
         rows.append([rng.randrange(B), x1, y1, x1 + dw, y1 + dh])
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, 5)
 
@@ -104,7 +108,7 @@ def make_invalid(rois: torch.Tensor, B: int, rng: random.Random, n: int) -> torc
 
 def check_case(ext, rng, B, C, H, W, K, S, sr, aligned, scale, cl, dtype, invalid=0, param_dtype=None) -> bool:
     x = torch.randn(B, C, H, W, dtype=torch.float64)
-    rois = make_invalid(random_rois(rng, B, H, W, K, scale), B, rng, invalid)
+    rois = make_invalid(random_rois(rng, B, H, W, K, scale, reversed_ok=sr > 0 or not aligned), B, rng, invalid)
     bad_roi = ~(torch.isfinite(rois).all(1) & (rois[:, 0] >= 0) & (rois[:, 0] < B) & (rois[:, 0] == rois[:, 0].floor()))
     ref_rois = torch.where(bad_roi[:, None], torch.tensor([0.0, 0, 0, 1, 1], dtype=rois.dtype), rois)
     g = torch.randn(B, C, dtype=torch.float64)
