@@ -7,10 +7,11 @@ PyTorch, :mod:`regionmed_fast.ops.roi_reference`), ``cpp`` (C++/OpenMP, ``torch.
 GPUs).
 
 The raw kernels (the contract in docs/roi.md) are wrapped twice over the same functions: eagerly
-by a light ``torch.autograd.Function`` (a ``torch.library`` custom op costs ~10x more host time per
-call, which dominates the millisecond GPU calls), and, while ``torch.compile`` or
-``torch.export`` traces, by ``torch.library`` custom ops in the ``regionmed_fast`` namespace with
-fake kernels and autograd. ``torch.fx.symbolic_trace`` records each public op as one call.
+by a light ``torch.autograd.Function`` (a ``torch.library`` custom op's Python dispatch costs more
+host time than the millisecond GPU kernels; docs/roi-gpu-kernels.md), and, while
+``torch.compile`` or ``torch.export`` traces, by ``torch.library`` custom ops in the
+``regionmed_fast`` namespace with fake kernels and autograd. ``torch.fx.symbolic_trace`` records
+each public op as one call.
 
 Boxes are checked here and nowhere below (``check_boxes``, see :func:`roi_align`): the values
 once, with one host synchronisation, by default on CPU tensors only, so that the GPU path never
@@ -66,8 +67,8 @@ def _compiled_check(key: str):
 
 @functools.lru_cache(maxsize=None)
 def _triton_module():
-    # Imported on first use: importing triton costs ~0.6 s (measured here), which CPU users
-    # should not pay.
+    # Imported on first use, not at the top: importing triton takes ~0.6 s (measured on the
+    # 2-core dev machine), which CPU-only users should not pay.
     from regionmed_fast.kernels import roi as triton_roi
 
     return triton_roi
