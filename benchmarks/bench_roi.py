@@ -22,8 +22,11 @@ gradient once) at the memory bandwidth measured in the same run by a copy.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 
 import torch
 
@@ -151,10 +154,6 @@ def cpu_peaks_in_child(argv: list[str]) -> dict[str, float]:
     it (glibc otherwise raises the threshold after the first free and recycles heap pages,
     hiding later allocations). Timing stays in this process, with the default allocator
     behaviour, because fresh pages cost page faults on every call."""
-    import json
-    import subprocess
-    import tempfile
-
     with tempfile.NamedTemporaryFile(suffix=".json") as fh:
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(256 << 10))
         subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--memory-only", fh.name],
@@ -207,8 +206,6 @@ def main(argv: list[str] | None = None) -> int:
     baselines.update(bl)
     repeats = 3 if args.quick else args.repeats
     if args.memory_only:
-        import json
-
         peaks = {f"{c.group}|{c.name}": runner.peak_memory_mb(c.fn, c.device) for c in cases}
         with open(args.memory_only, "w") as fh:
             json.dump(peaks, fh)

@@ -21,7 +21,8 @@ SHARED_DATA = pathlib.Path(os.environ.get("REGIONMED_SHARED_DATA", REPO.parent /
 
 def _opted_into_slow(config) -> bool:
     """Slow tests run only when the ``-m`` expression names the ``slow`` marker (``-m slow``,
-    ``-m "slow or gpu"``); a plain ``pytest tests`` leaves them out."""
+    ``-m "slow or gpu"``; ``-m "slow or not slow"`` runs everything); a plain ``pytest tests``
+    leaves them out."""
     return re.search(r"\bslow\b", config.getoption("markexpr") or "") is not None
 
 

@@ -15,6 +15,7 @@ run raises with the reason, so a benchmark never silently measures something els
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ def triton_interpret() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def triton_import_status() -> str:
-    """``""`` when ``triton`` imports, else why not."""
+    """``""`` when ``triton`` imports, else why not (imported here, on demand: it is optional
+    and takes ~0.6 s)."""
     try:
         import triton  # noqa: F401
         import triton.language  # noqa: F401
@@ -147,8 +149,6 @@ _OP_MODULES = ("regionmed_fast.ops.roi", "regionmed_fast.ops.loss")
 
 def all_tables() -> dict[str, BackendTable]:
     """Every op's table (imports the op modules)."""
-    import importlib
-
     for mod in _OP_MODULES:
         importlib.import_module(mod)
     return dict(TABLES)
