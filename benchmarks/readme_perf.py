@@ -140,7 +140,7 @@ def _table(kind: str, payload: dict) -> list[str]:
             parts = []
             sp = _speedup(r)
             if sp is not None:
-                parts.append(f"**{sp:.2f}x**" if r["name"].startswith(("ours-auto", "ours-cpu", "ours-cuda",
+                parts.append(f"**{sp:.2f}x**" if r["name"].startswith(("ours-auto", "ours-cpu", "ours-cpp", "ours-cuda",
                                                                          "fused")) else f"{sp:.2f}x")
             if "time / floor" in r.get("ratios", {}):
                 fl = r["ratios"]["time / floor"]
