@@ -399,10 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.startswith("cuda")
     spec = BASE if cuda else TINY
     amp = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    # the comparison with OpenCLIP first: should the run be stopped at its time limit later,
+    # its figures are saved already
+    oc_results, oc_extra = [], {}
+    if args.only_openclip or args.openclip == "on" or (args.openclip == "auto" and cuda):
+        add_openclip(args, amp, oc_results, oc_extra)
+        if cuda:
+            torch.cuda.empty_cache()
     if args.only_openclip:
-        results, extra = [], {}
-        add_openclip(args, amp, results, extra)
-        js, _ = runner.save("train", results, extra=extra, out_dir=args.out)
+        js, _ = runner.save("train", oc_results, extra=oc_extra, out_dir=args.out)
         print(f"wrote {js}")
         return 0
     batch = args.batch or (128 if cuda else 32) // (2 if args.quick else 1)
@@ -490,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     curve["ok"] = curve["max_rel_diff"] < (2e-2 if amp else 1e-3)
     extra = {"model": spec["model"], "model_args": spec["args"], "batch": batch,
              "regions_per_batch": n_regions, "amp": str(amp), "summary": summary, "loss_curve": curve}
-    if args.openclip == "on" or (args.openclip == "auto" and cuda):
-        add_openclip(args, amp, results, extra)
+    results += oc_results
+    extra.update(oc_extra)
     js, md = runner.save("train", results, extra=extra, out_dir=args.out)
     with open(md, "a") as fh:
         fh.write(f"\nbatch {batch}, {n_regions:.0f} regions per batch; samples/s: "
