@@ -15,7 +15,7 @@
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU needed: check every step's command
 # Environment:
 #   GPU_CHECK_ONLY=train,data   run only these steps (build, tests, loss, roi, train, data, hooks);
-#                               the extension is rebuilt only when missing or older than csrc/
+#                               the extension is rebuilt only when missing or its sources changed
 #   GPU_CHECK_BUDGET=500        seconds for all steps; a step gets min(its limit, what is left)
 #   GPU_LIMIT_<STEP>=N          one step's limit (defaults below)
 #   GPU_<STEP>_ARGS="..."       extra arguments for a benchmark (LOSS, ROI, TRAIN, DATA)
@@ -164,19 +164,23 @@ fi
 # beside the GPU work that does not need it, and regionmed_fast.kernels is the kernels/ folder.
 (( DRY )) || [[ -e regionmed_fast/kernels ]] || ln -s ../kernels regionmed_fast/kernels
 
-built() {  # the extension is there, has CUDA kernels and is newer than every source
+# the extension's sources, hashed: the tree's files may get new times with every call
+sources_hash() { find csrc setup.py -type f | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-64; }
+
+built() {  # the extension is there, has CUDA kernels and was built from these sources
   local so; so=$(ls regionmed_fast/_C.cpython-*"$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')"*.so 2>/dev/null | head -1)
-  [[ -n "$so" ]] && [[ -z "$(find csrc setup.py -newer "$so" -type f | head -1)" ]] \
+  [[ -n "$so" && "$(cat /tmp/regionmed_build/sources.sha256 2>/dev/null)" == "$(sources_hash)" ]] \
     && $PY -c "from regionmed_fast._ext import has_cuda_kernels as h; raise SystemExit(0 if h() else 1)" 2>/dev/null
 }
 
 build() {  # into a scratch folder, then one rename: a process starting meanwhile never sees half a file
   export FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-$(nproc)}
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-  local lib=/tmp/regionmed_build/lib
+  local lib=/tmp/regionmed_build/lib hash; hash=$(sources_hash)
   $PY setup.py -q build_ext --build-lib "$lib" --build-temp /tmp/regionmed_build/tmp || return 1
   local so; so=$(ls "$lib"/regionmed_fast/_C*.so) || return 1
-  cp "$so" "regionmed_fast/.$(basename "$so").tmp" && mv "regionmed_fast/.$(basename "$so").tmp" "regionmed_fast/$(basename "$so")"
+  cp "$so" "regionmed_fast/.$(basename "$so").tmp" && mv "regionmed_fast/.$(basename "$so").tmp" "regionmed_fast/$(basename "$so")" \
+    && echo "$hash" >/tmp/regionmed_build/sources.sha256
 }
 
 export PY
@@ -194,7 +198,7 @@ if wanted build || wanted tests || wanted roi || wanted train || wanted data; th
   else
     say "build (limit $(left "$L_BUILD") s) in the background: $PY setup.py build_ext (FORCE_CUDA=1) > build.log"
     build_start=$SECONDS
-    ( timeout -k 10 "$(left "$L_BUILD")" bash -c "$(declare -f build); build" >"$LOGS/build.log" 2>&1 ) &
+    ( timeout -k 10 "$(left "$L_BUILD")" bash -c "$(declare -f sources_hash build); build" >"$LOGS/build.log" 2>&1 ) &
     BUILD_PID=$!
   fi
 fi
