@@ -122,7 +122,8 @@ if [[ -f "$DALI_PARTS/SHA256SUMS" ]]; then
     echo "DALI parts missing or corrupt: the DALI rows are not measured"
   elif (( DRY )); then
     echo "DALI parts complete (not unpacked in a dry run)"
-  elif cat "$DALI_PARTS"/part-* | xz -d | tar x -C "$SITE"; then
+  elif cmp -s "$DALI_PARTS/SHA256SUMS" "$SITE/.dali.sha256" \
+       || { cat "$DALI_PARTS"/part-* | xz -d | tar x -C "$SITE" && cp "$DALI_PARTS/SHA256SUMS" "$SITE/.dali.sha256"; }; then
     for d in nvidia/cu13/lib nvidia/nvimgcodec nvidia/libnvcomp/lib64 nvidia/nvjpeg2k/lib nvidia/nvtiff/lib; do
       [[ -d "$SITE/$d" ]] && LD_LIBRARY_PATH=$SITE/$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     done
@@ -263,6 +264,8 @@ for hook in benchmarks/gpu_check.d/*.sh; do
   run_step "hooks:$name" "${lim:-60}" "$LOGS/$name.log" bash "$hook"
 done
 
+(( DRY )) || nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu,power.draw,clocks_throttle_reasons.active \
+  --format=csv 2>/dev/null || true  # clocks and throttling right after the last step
 say "done: steps (name, exit code, seconds)"
 for l in "${STEPS[@]}"; do printf '%-28s %-8s %s\n' $l; done | tee "$LOGS/steps.txt"
 tag=

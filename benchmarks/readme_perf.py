@@ -165,6 +165,8 @@ def _table(kind: str, payload: dict) -> list[str]:
                 parts.append(f"{fl:.0f}x floor" if fl >= 100 else f"{fl:.3g}x floor")
             if "vs ours global-only" in r.get("ratios", {}):
                 parts.append(f"{r['ratios']['vs ours global-only']:.2f}x global-only")
+            if r.get("meta", {}).get("compile_s") is not None:
+                parts.append(f"compile {r['meta']['compile_s']:.0f} s")
             if "overhead vs encoders" in r.get("ratios", {}):
                 parts.append(f"overhead vs encoders {100 * r['ratios']['overhead vs encoders']:+.0f}%")
             ratio.append(", ".join(parts))
@@ -181,8 +183,10 @@ def _table(kind: str, payload: dict) -> list[str]:
                     ok = False
                 goals.append(f"{text}: {'met' if ok else '**missed**'}")
         goal = "; ".join(goals)
-        base_cell = (f"`{base['name']}` {_rate(payload, group, base)}{_spread_flag(base)}" if base
-                     else "none (a limit)")
+        base_compile = base.get("meta", {}).get("compile_s") if base else None
+        base_cell = (f"`{base['name']}` {_rate(payload, group, base)}{_spread_flag(base)}"
+                     + (f", compile {base_compile:.0f} s" if base_compile is not None else "")
+                     if base else "none (a limit)")
         base_mem = f" ({_mib(base.get('peak_mem_mb'))})" if base and math.isfinite(
             base.get("peak_mem_mb", float("nan"))) else ""
         label = _group_label(payload, group)
