@@ -35,6 +35,8 @@ exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 t0=$SECONDS
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 RESULTS LOGS
+# nothing outside the GPU machine can be reached: a library that tries waits for a timeout
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 BUDGET=${GPU_CHECK_BUDGET:-500}
 # Limits, seconds (docs/gpu-run.md has the expected times): the build runs beside the loss
 # benchmark and the loss tests (75 + 60 s, inside the build's 150), so the critical path is
