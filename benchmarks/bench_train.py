@@ -22,7 +22,7 @@ Sizes: ``cpu`` - the demo's ``regionmed-tiny`` (64 px, 8 px patches, tiny text t
 
 Against OpenCLIP (on CUDA by default, ``--openclip on`` elsewhere): OpenCLIP's own ViT-B-16
 train step beside our global-only and region-aware steps at batch 256, 224 px, bf16, eager and
-compiled (``--compile-mode``; see ``openclip_comparison``). On the CPU the same code runs with
+compiled (``--compile-mode``; see ``OpenClipComparison``). On the CPU the same code runs with
 tiny towers (batch 4, 64 px). ``--only-openclip`` runs only this comparison.
 
     python benchmarks/bench_train.py [--quick] [--device cpu|cuda] [--repeats N] [--batch B]
@@ -290,96 +290,89 @@ def _dynamo_graphs() -> int:
     return int(counters["stats"]["unique_graphs"])
 
 
-def openclip_comparison(device: str, amp: torch.dtype | None, *, spec: dict | None = None,
-                        batch: int | None = None, compile_mode: str = "blocks", repeats: int = 5,
-                        max_seconds: float = 20.0, on_results=None) -> list:
-    """Time the three steps eager, then compiled with ``compile_mode`` (``none``: eager only).
+class OpenClipComparison:
+    """The three steps on their batches; :meth:`run` times them eager or compiled.
 
-    Returns runner results in groups ``... eager`` and ``... compiled`` (baseline: OpenCLIP),
-    each with ``samples_per_s`` and, for the region-aware step, ``vs ours global-only`` (its
-    samples/s over the global-only step's). ``on_results(results)`` is called after each group
-    (the caller saves them, so a stop during compilation keeps the eager figures).
+    Results come in groups ``... eager`` / ``... compiled (<mode>)`` (baseline: OpenCLIP), each
+    with ``samples_per_s`` and, for the region-aware step, ``vs ours global-only`` (its
+    samples/s over the global-only step's); compiled cases carry ``compile_s`` and
+    ``graphs_compiled`` (one per kind of block is expected: more means per-layer recompiles).
     """
-    import open_clip
 
-    cuda = device.startswith("cuda")
-    spec = spec or (OPENCLIP_GPU if cuda else OPENCLIP_TINY)
-    batch = batch or spec["batch"]
-    steps = openclip_steps(spec, device, amp)
-    oc_name = next(iter(steps))
-    oc = spec["openclip"]
-    tok = get_tokenizer_for(steps["ours global-only"].model)
-    oc_tok = open_clip.get_tokenizer(oc) if isinstance(oc, str) else open_clip.tokenize
-    batches = clip_batches(2, batch, spec["size"], tok, oc_tok, device)
-    dname = "fp32" if amp is None else str(amp).replace("torch.", "").replace("bfloat16", "bf16")
-    base = f"train step vs OpenCLIP, {spec['label']}, batch {batch}, {BOXES_PER_IMAGE} boxes/image, {dname}"
-    results: list = []
-    modes = ["none"] + ([compile_mode] if compile_mode != "none" else [])
-    for mode in modes:
-        group = f"{base}, {'eager' if mode == 'none' else 'compiled (' + mode + ')'}"
-        cases = []
-        for name, step in steps.items():
-            meta = {"batch": batch, "compile": mode, "image_size": spec["size"]}
-            failed = None
-            if mode != "none":
-                t0 = time.perf_counter()
-                try:
-                    step.net = compile_model(step.model, mode)
-                    step(batches[0])  # the cold compile, kept out of the timing
-                    if cuda:
-                        torch.cuda.synchronize()
-                except Exception as exc:  # reported in this case's row; the others still run
-                    failed = exc
-                meta["compile_s"] = round(time.perf_counter() - t0, 1)
-            state = {"i": 0}
+    def __init__(self, device: str, amp: torch.dtype | None, *, spec: dict | None = None,
+                 batch: int | None = None) -> None:
+        import open_clip
 
-            def run(step=step, state=state, failed=failed):
-                if failed is not None:
-                    raise failed
-                state["i"] = (state["i"] + 1) % len(batches)
-                return step(batches[state["i"]])
+        self.device, self.cuda = device, device.startswith("cuda")
+        self.spec = spec or (OPENCLIP_GPU if self.cuda else OPENCLIP_TINY)
+        self.batch = batch or self.spec["batch"]
+        self.steps = openclip_steps(self.spec, device, amp)
+        self.baseline = next(iter(self.steps))
+        oc = self.spec["openclip"]
+        oc_tok = open_clip.get_tokenizer(oc) if isinstance(oc, str) else open_clip.tokenize
+        self.batches = clip_batches(2, self.batch, self.spec["size"],
+                                    get_tokenizer_for(self.steps["ours global-only"].model), oc_tok, device)
+        dname = "fp32" if amp is None else str(amp).replace("torch.", "").replace("bfloat16", "bf16")
+        self.label = (f"train step vs OpenCLIP, {self.spec['label']}, batch {self.batch}, "
+                      f"{BOXES_PER_IMAGE} boxes/image, {dname}")
 
-            cases.append(runner.Case(name, run, group=group, device=device, meta=meta))
+    def _case(self, name: str, step, group: str, mode: str) -> runner.Case:
+        meta = {"batch": self.batch, "compile": mode, "image_size": self.spec["size"]}
+        failed = None
+        if mode != "none":
+            t0, g0 = time.perf_counter(), _dynamo_graphs()
+            try:
+                step.net = compile_model(step.model, mode)
+                step(self.batches[0])  # the cold compile, kept out of the timing
+                if self.cuda:
+                    torch.cuda.synchronize()
+            except Exception as exc:  # reported in this case's row; the others still run
+                failed = exc
+            meta["compile_s"], meta["graphs_compiled"] = round(time.perf_counter() - t0, 1), _dynamo_graphs() - g0
+        state = {"i": 0}
+
+        def run():
+            if failed is not None:
+                raise failed
+            state["i"] = (state["i"] + 1) % len(self.batches)
+            return step(self.batches[state["i"]])
+        return runner.Case(name, run, group=group, device=self.device, meta=meta)
+
+    def run(self, mode: str = "none", repeats: int = 5, max_seconds: float = 20.0) -> list:
+        """Time the three steps, eager (``none``) or compiled with ``mode`` (see compile_model)."""
+        group = f"{self.label}, {'eager' if mode == 'none' else 'compiled (' + mode + ')'}"
+        cases = [self._case(name, step, group, mode) for name, step in self.steps.items()]
         graphs0 = _dynamo_graphs()
-        res = runner.run_cases(cases, warmup=2 * len(batches), repeats=repeats, max_seconds=max_seconds,
-                               baselines={group: oc_name})
+        res = runner.run_cases(cases, warmup=2 * len(self.batches), repeats=repeats,
+                               max_seconds=max_seconds, baselines={group: self.baseline})
         recompiled = _dynamo_graphs() - graphs0
-        by = {r.name: r for r in res}
         for r in res:
             if not r.error:
-                r.meta["samples_per_s"] = batch / (r.median_ms / 1e3)
+                r.meta["samples_per_s"] = self.batch / (r.median_ms / 1e3)
                 r.meta["graphs_compiled_while_timing"] = recompiled
+        by = {r.name: r for r in res}
         g, ra = by.get("ours global-only"), by.get("ours region-aware")
         if g and ra and not g.error and not ra.error:
             ra.ratios["vs ours global-only"] = g.median_ms / ra.median_ms
-        results += res
-        if on_results is not None:
-            on_results(results)
-    return results
+        for r in res:
+            if not r.error:
+                extras = ", ".join(f"{k} {v:.2f}x" for k, v in r.ratios.items() if not k.startswith("memory"))
+                print(f"  {r.group.rsplit(', ', 1)[-1]:<18} {r.name:<22} {r.meta['samples_per_s']:8.1f} "
+                      f"samples/s  {extras}", flush=True)
+        return res
 
 
-def add_openclip(args, amp: torch.dtype | None, results: list, extra: dict) -> None:
-    """Run :func:`openclip_comparison` for ``main``, append its results, save after each group
-    and print the two ratios its goals are about."""
+def openclip_setup(args, amp: torch.dtype | None, extra: dict) -> tuple[OpenClipComparison, str]:
+    """The comparison ``main`` runs (``--batch`` applies with ``--only-openclip``) and its compile
+    mode; records both in ``extra``."""
     cuda = args.device.startswith("cuda")
     mode = args.compile_mode or ("blocks" if cuda else "none")
-    extra["openclip_comparison"] = {"compile_mode": mode, "boxes_per_image": BOXES_PER_IMAGE,
-                                    "spec": {k: v for k, v in (OPENCLIP_GPU if cuda else OPENCLIP_TINY).items()
-                                             if k != "ours"}}
-    done = len(results)
-
-    def save_partial(rs: list) -> None:
-        runner.save("train", results[:done] + rs, extra=extra, out_dir=args.out)
-
     print(f"bench_train: OpenCLIP comparison on {args.device}, compile mode {mode}", flush=True)
-    rs = openclip_comparison(args.device, amp, batch=args.batch if args.only_openclip else None,
-                             compile_mode=mode, repeats=args.repeats, on_results=save_partial)
-    results.extend(rs)
-    for r in rs:
-        if not r.error:
-            extras = ", ".join(f"{k} {v:.2f}x" for k, v in r.ratios.items() if not k.startswith("memory"))
-            print(f"  {r.group.rsplit(', ', 1)[-1]:<18} {r.name:<22} {r.meta['samples_per_s']:8.1f} samples/s"
-                  f"  {extras}")
+    cmp = OpenClipComparison(args.device, amp, batch=args.batch if args.only_openclip else None)
+    extra["openclip_comparison"] = {"compile_mode": mode, "boxes_per_image": BOXES_PER_IMAGE,
+                                    "batch": cmp.batch,
+                                    "spec": {k: v for k, v in cmp.spec.items() if k != "ours"}}
+    return cmp, mode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -399,14 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     cuda = device.startswith("cuda")
     spec = BASE if cuda else TINY
     amp = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
-    # the comparison with OpenCLIP first: should the run be stopped at its time limit later,
-    # its figures are saved already
-    oc_results, oc_extra = [], {}
+    # the comparison with OpenCLIP: eager first, compiled last (the cold compiles are the part
+    # most likely to overrun a time limit); results are saved after each part
+    oc, oc_mode, oc_results, oc_extra = None, "none", [], {}
     if args.only_openclip or args.openclip == "on" or (args.openclip == "auto" and cuda):
-        add_openclip(args, amp, oc_results, oc_extra)
-        if cuda:
-            torch.cuda.empty_cache()
+        oc, oc_mode = openclip_setup(args, amp, oc_extra)
+        oc_results = oc.run("none", repeats=args.repeats)
+        runner.save("train", oc_results, extra=oc_extra, out_dir=args.out)
     if args.only_openclip:
+        if oc_mode != "none":
+            oc_results += oc.run(oc_mode, repeats=args.repeats)
         js, _ = runner.save("train", oc_results, extra=oc_extra, out_dir=args.out)
         print(f"wrote {js}")
         return 0
@@ -497,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
              "regions_per_batch": n_regions, "amp": str(amp), "summary": summary, "loss_curve": curve}
     results += oc_results
     extra.update(oc_extra)
+    if oc is not None and oc_mode != "none":
+        runner.save("train", results, extra=extra, out_dir=args.out)
+        results += oc.run(oc_mode, repeats=args.repeats)
     js, md = runner.save("train", results, extra=extra, out_dir=args.out)
     with open(md, "a") as fh:
         fh.write(f"\nbatch {batch}, {n_regions:.0f} regions per batch; samples/s: "

@@ -32,6 +32,7 @@ RESULTS=$OUT/results
 LOGS=$RESULTS/logs
 mkdir -p "$LOGS"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
+TEE_PID=$!
 t0=$SECONDS
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 RESULTS LOGS
@@ -279,4 +280,6 @@ cp "$OUT/gpu_check.log" "$LOGS/" 2>/dev/null
 tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$RESULTS"
 (( DRY )) && rm -rf "$SITE"
 echo "== [$((SECONDS - t0)) s] wrote $OUT/results.tgz$( (( FAILED )) && echo '; SOME STEP FAILED (table above)')"
+exec 1>&- 2>&-  # tee sees the end of the output: the log is complete when the call returns
+wait "$TEE_PID" 2>/dev/null
 exit $FAILED
