@@ -5,9 +5,8 @@
 #   gpu_check.log  this script's output, step by step with elapsed seconds, and a step table
 #   summary.md     every benchmark's table (the same as results/<machine>.md)
 #   results.tgz    results/: <machine>-<bench>.json/.md/.png as benchmarks/results holds them,
-#                  and logs/ (build, tests, each benchmark). Unpack into benchmarks/results/
-#                  (`tar xzf results.tgz --strip-components=1 -C benchmarks/results --exclude='*/logs'`),
-#                  then `python benchmarks/run_all.py --readme-only` renders the README tables.
+#                  and logs/ (build, tests, each benchmark). `bash scripts/unpack_gpu_results.sh
+#                  results.tgz` puts them into benchmarks/results/ and renders the README tables.
 # docs/gpu-run.md: how to prepare the carried wheels (scripts/prepare_gpu_carry.sh), the device
 # call, what each step measures and the time plan.
 #
