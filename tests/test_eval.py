@@ -612,6 +612,23 @@ def test_eval_in_process_is_deterministic_with_dropout_model(saved_run):
     assert model.training
 
 
+def test_siglip_bias_model_evaluates_like_its_twin(saved_run, tmp_path):
+    # a SigLIP model (learnable logit_bias) saves, loads and evaluates; the bias shifts logits,
+    # not cosines, so the numbers equal those of the same weights without it
+    from regionmed_fast.eval.runner import evaluate, load_model
+
+    results = []
+    for bias in (None, -10.0):
+        _tiny_model(init_logit_bias=bias).save_pretrained(tmp_path / str(bias))
+        m = load_model(tmp_path / str(bias))
+        assert (m.logit_bias is None) == (bias is None)
+        if bias is not None:
+            assert m.logit_bias.item() == -10.0
+        results.append(_strip_timing(evaluate(m, saved_run / "syn", tasks="retrieval,zeroshot",
+                                              split="all", n_boot=20)))
+    assert json.dumps(results[0], sort_keys=True) == json.dumps(results[1], sort_keys=True)
+
+
 def test_eval_imports_no_training_code():
     code = ("import sys, regionmed_fast.eval, regionmed_fast.eval.cli, regionmed_fast.eval.runner; "
             "bad = sorted(m for m in sys.modules if m.startswith('regionmed_fast.train')); "

