@@ -102,9 +102,9 @@ class BrightnessTower(nn.Module):
         b = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), self.patch_size)[:, 0]
         b = (b - b.amin((1, 2), keepdim=True)) / (b.amax((1, 2), keepdim=True)
                                                  - b.amin((1, 2), keepdim=True) + 1e-6)
-        grid = torch.zeros(*b.shape, self.width)
+        grid = torch.zeros(*b.shape, self.width, device=images.device)
         grid[..., 0], grid[..., 1] = b, 1 - b
-        pooled = torch.zeros(images.shape[0], self.width)
+        pooled = torch.zeros(images.shape[0], self.width, device=images.device)
         pooled[:, 0] = 1.0
         return pooled, grid
 
@@ -170,3 +170,25 @@ def test_text_source_points_at_the_text(known_model):
         boxes, _ = known_model.propose_boxes(images, source="text", text_emb=dark[None])
     x1, y1, x2, y2 = boxes[0, 0].tolist()
     assert x1 >= 64 or y1 >= 64
+
+
+@pytest.mark.gpu
+def test_cuda_proposals_equal_cpu(known_model):
+    # integer-valued saliency: every sum is exact, so both devices must agree bit for bit
+    g = torch.Generator().manual_seed(4)
+    sal = torch.randint(0, 5, (4, 8, 8), generator=g).float()
+    cfg = ProposerConfig(num_boxes=4)
+    cpu = propose_from_saliency(sal, (128, 128), cfg)
+    cuda = propose_from_saliency(sal.cuda(), (128, 128), cfg)
+    assert torch.equal(cpu[0], cuda[0].cpu()) and torch.equal(cpu[1], cuda[1].cpu())
+    images = torch.stack([_dark_image_with_blob(70, 20, 20), _dark_image_with_blob(8, 90, 28, seed=1)])
+    m = known_model.cuda()
+    try:
+        with torch.no_grad():
+            boxes, _ = m.propose_boxes(images.cuda())
+            auto = m.encode_image(images.cuda(), boxes="auto")
+        assert boxes.is_cuda and auto.shape == (2, 192)
+    finally:
+        known_model.cpu()
+    with torch.no_grad():
+        assert torch.equal(boxes.cpu(), known_model.propose_boxes(images)[0])

@@ -207,8 +207,12 @@ def summary_lines(res: dict) -> list[str]:
 
 
 def markdown(res: dict, figures: list[str], figure_note: str | None) -> str:
+    rule = res["split_rule"]
     out = ["# Evaluation report\n",
-           f"Data: `{res['data_dir']}`, split `{res['split']}` ({res['split_rule']}): "
+           f"Data: `{res['data_dir']}`, split `{res['split']}` (records without a split field: "
+           f"group key {rule['group_key'] or 'patient_id, else the image'}, test fraction "
+           f"{rule['test_fraction']}, val fraction {rule['val_fraction']}; from: "
+           f"{', '.join(f'{k} {v}' for k, v in rule['source'].items())}): "
            f"{res['n_images']} images ({res['n_images_with_boxes']} with annotated boxes), "
            f"{res['n_regions']} annotated regions; image size {res['image_size']}; model "
            f"{'region-aware (RoI processor)' if res['region_aware'] else 'global-only'}.\n",

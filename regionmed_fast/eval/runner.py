@@ -192,7 +192,9 @@ def evaluate(model, data_dir: str | pathlib.Path, tasks: str | Sequence[str] = T
     eval_recs = select_split(records, split, group_key=rule["group_key"],
                              test_fraction=rule["test_fraction"], val_fraction=rule["val_fraction"])
     if not eval_recs:
-        raise ValueError(f"{data_dir}: split {split!r} has no images")
+        hint = (" (no record says split 'val' and the val fraction is 0: pass the trainer's "
+                "--val-fraction)" if split == "val" and not rule["val_fraction"] else "")
+        raise ValueError(f"{data_dir}: split {split!r} has no images{hint}")
     proposer = dict(proposer or {})
     timing: dict[str, float] = {}
     with eval_mode(model):
