@@ -17,7 +17,7 @@ in the parent with the default allocator.
 Floor: the bytes that must move (read the features once; with backward also write their
 gradient once) at the memory bandwidth measured in the same run by a copy.
 
-    python benchmarks/bench_roi.py [--quick] [--device cpu|cuda] [--repeats N]
+    python benchmarks/bench_roi.py [--quick] [--device cpu|cuda] [--repeats N] [--cases vit,train,cnn,align]
 """
 from __future__ import annotations
 
@@ -148,6 +148,11 @@ def align_cases(*, B, C, H, W, per_image, S, sr, image, device, backends):
     return cases, {group: "torchvision"}
 
 
+#: The benchmark's cases (``--cases``): the ViT-B/16 shape, the training-sized call, the CNN stage,
+#: plain roi_align on the ViT tokens.
+CASES = ("vit", "train", "cnn", "align")
+
+
 def cpu_peaks_in_child(argv: list[str]) -> dict[str, float]:
     """Peak memory of every case, measured in a child process that runs with glibc's mmap
     threshold pinned: every large tensor then gets fresh pages and the resident-set peak counts
@@ -165,6 +170,8 @@ def cpu_peaks_in_child(argv: list[str]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     p = runner.common_args(__doc__.split("\n")[0])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {','.join(CASES)} (default: all)")
     p.add_argument("--memory-only", default=None, metavar="JSON", help=argparse.SUPPRESS)
     raw = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(raw)
@@ -191,8 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         train.update(B=8, C=128)
     gbs = bandwidth_gbs(device)
     print(f"bench_roi on {runner.machine_tag()}: copy bandwidth {gbs:.1f} GB/s, threads {torch.get_num_threads()}")
+    wanted_cases = [c for c in args.cases.split(",") if c]
+    unknown = sorted(set(wanted_cases) - set(CASES))
+    if unknown:
+        p.error(f"--cases: unknown {unknown}; choose from {', '.join(CASES)}")
     cases, baselines, floors = [], {}, {}
-    for shape in (vit, train, cnn):
+    shapes = {"vit": vit, "train": train, "cnn": cnn}
+    for shape in (shapes[c] for c in CASES if c in wanted_cases and c in shapes):
         for dtype in dtypes:
             # the reference backend's gathers at the training size would dominate the run
             be = [b for b in backends if not (b == "reference" and shape is train)]
@@ -200,10 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             cases += c
             baselines.update(bl)
             floors.update(fl)
-    a_shape = {k: vit[k] for k in ("B", "C", "H", "W", "per_image", "S", "sr", "image")}
-    c, bl = align_cases(**a_shape, device=device, backends=[b for b in backends if b != "reference"])
-    cases += c
-    baselines.update(bl)
+    if "align" in wanted_cases:
+        a_shape = {k: vit[k] for k in ("B", "C", "H", "W", "per_image", "S", "sr", "image")}
+        c, bl = align_cases(**a_shape, device=device, backends=[b for b in backends if b != "reference"])
+        cases += c
+        baselines.update(bl)
     repeats = 3 if args.quick else args.repeats
     if args.memory_only:
         peaks = {f"{c.group}|{c.name}": runner.peak_memory_mb(c.fn, c.device) for c in cases}

@@ -16,6 +16,7 @@ import csv
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -73,6 +74,17 @@ class Result:
     meta: dict
     ratios: dict = field(default_factory=dict)
     error: str = ""
+    # how the figure was taken (see measure): spread = max distance of min/max from the median
+    spread: float = float("nan")
+    settled: bool = True
+    warmup_calls: int = 0
+    calls_per_sample: int = 1
+    clock: str = ""
+
+    @property
+    def spread_ok(self) -> bool:
+        """Min and max within SPREAD_LIMIT of the median, after a settled warm-up."""
+        return self.settled and self.spread <= SPREAD_LIMIT
 
 
 def machine_tag() -> str:
@@ -137,29 +149,134 @@ def peak_memory_mb(fn: Callable[[], object], device: str) -> float:
         return float("nan")
 
 
+# Every figure is held to this: its fastest and slowest timed sample lie within this fraction of
+# its median (docs/gpu-run.md says why the GPU figures once did not, and what the method does).
+SPREAD_LIMIT = 0.15
+# On CUDA the warm-up runs until the last SETTLE_WINDOW samples lie within SETTLE_TOL of their
+# median (and at least CUDA_MIN_WARMUP_S of work has run, so the clocks have ramped up), at
+# most CUDA_SETTLE_S; each sample is at least CUDA_SAMPLE_MS long (several back-to-back calls
+# for short ops, so launch latency overlaps as in real use), and at least CUDA_MIN_REPEATS
+# samples are timed.
+SETTLE_WINDOW, SETTLE_TOL = 5, 0.08
+CUDA_MIN_WARMUP_S, CUDA_SETTLE_S, CUDA_SAMPLE_MS, CUDA_MIN_REPEATS = 1.0, 20.0, 2.0, 10
+# the minimum warm-up is for clocks that dropped while the GPU idled: a case timed right after
+# another (within CUDA_STILL_BUSY_S) starts with them up
+CUDA_STILL_BUSY_S = 0.5
+_last_sample_end = float("-inf")
+
+
+@dataclass
+class Timing:
+    """What :func:`measure` saw: ``times`` are ms per call, one per timed sample."""
+
+    times: list[float]
+    warmup_calls: int
+    settled: bool  # the warm-up reached a steady state before timing began
+    calls_per_sample: int
+    clock: str = "events"  # "wall" when host time exceeded the stream's events (see measure)
+
+
+def spread(median: float, lo: float, hi: float) -> float:
+    """The larger relative distance of ``lo`` or ``hi`` from ``median`` (0.1: within 10 %)."""
+    if not median > 0:
+        return float("nan")
+    return max(hi / median - 1.0, 1.0 - lo / median)
+
+
+def _sample(fn: Callable[[], object], calls: int, cuda: bool) -> tuple[float, str]:
+    """ms per call of ``calls`` back-to-back calls."""
+    if not cuda:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / calls, "wall"
+    # CUDA events time the current stream; the host clock between two device-wide syncs also
+    # sees work on other streams (loaders) and host-bound steps. Use the events unless the host
+    # saw clearly more.
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    s.record()
+    for _ in range(calls):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3
+    ev = s.elapsed_time(e)
+    if wall > 1.2 * ev and wall - ev > 0.2:
+        return wall / calls, "wall"
+    return ev / calls, "events"
+
+
+def _steady(window: list[float]) -> bool:
+    if len(window) < SETTLE_WINDOW:
+        return False
+    last = window[-SETTLE_WINDOW:]
+    return spread(statistics.median(last), min(last), max(last)) <= SETTLE_TOL
+
+
+def measure(fn: Callable[[], object], device: str, warmup: int = 1, repeats: int = 5,
+            max_seconds: float = 30.0) -> Timing:
+    """Warm ``fn`` up, then time ``repeats`` samples (fewer once ``max_seconds`` have passed,
+    at least 3).
+
+    CPU: ``warmup`` plain calls, one call per sample. CUDA: at least ``warmup`` calls and
+    ``CUDA_MIN_WARMUP_S`` seconds (none right after another measurement), then on until the samples settle (clock ramp, allocator
+    growth, autotuning, recompiles all end before timing); samples of at least
+    ``CUDA_SAMPLE_MS``; at least ``CUDA_MIN_REPEATS`` samples. Garbage collection is off while
+    the samples are timed.
+    """
+    global _last_sample_end
+    cuda = device.startswith("cuda")
+    min_warmup_s = (0.0 if time.perf_counter() - _last_sample_end < CUDA_STILL_BUSY_S
+                    else CUDA_MIN_WARMUP_S)
+    calls, per, settled = 0, 1, True
+    window: list[float] = []
+    t_start = time.perf_counter()
+    while True:
+        if cuda and calls >= max(warmup, 1):
+            elapsed = time.perf_counter() - t_start
+            if elapsed >= min_warmup_s and _steady(window):
+                break
+            if elapsed >= CUDA_SETTLE_S:
+                settled = False
+                break
+        elif not cuda and calls >= warmup:
+            break
+        t, _ = _sample(fn, per, cuda)
+        if calls == 0:  # a first call's compile or autotuning is not part of the settling time
+            t_start = time.perf_counter()
+        calls += per
+        window.append(t)
+        if cuda:
+            want = max(1, min(1000, math.ceil(CUDA_SAMPLE_MS / max(t, 1e-3))))
+            if want > per:  # longer samples from now on: the window restarts with them
+                per, window = want, []
+    n = max(repeats, CUDA_MIN_REPEATS) if cuda else repeats
+    times: list[float] = []
+    clocks = set()
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        start_all = time.perf_counter()
+        for _ in range(n):
+            t, clock = _sample(fn, per, cuda)
+            times.append(t)
+            clocks.add(clock)
+            if time.perf_counter() - start_all > max_seconds and len(times) >= 3:
+                break
+    finally:
+        if was_enabled:
+            gc.enable()
+        _last_sample_end = time.perf_counter()
+    return Timing(times, calls, settled, per, "wall" if "wall" in clocks else "events")
+
+
 def time_fn(fn: Callable[[], object], device: str, warmup: int, repeats: int,
             max_seconds: float) -> list[float]:
-    """Wall times in ms of ``repeats`` calls after ``warmup`` calls (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start_all = time.perf_counter()
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() - start_all > max_seconds and len(times) >= 3:
-            break
-    return times
+    """ms per call of each timed sample (see :func:`measure`)."""
+    return measure(fn, device, warmup, repeats, max_seconds).times
 
 
 def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 5, max_seconds: float = 30.0,
@@ -173,11 +290,19 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 5, max_secon
     """
     results: list[Result] = []
     for case in cases:
+        cuda = case.device.startswith("cuda")
         try:
-            mem = peak_memory_mb(case.fn, case.device) if memory else float("nan")
-            times = time_fn(case.fn, case.device, warmup, repeats, max_seconds)
-            res = Result(case.name, case.group, case.device, statistics.median(times), min(times),
-                         max(times), len(times), mem, case.meta)
+            # CUDA: peak memory of a call in the steady state (after the warm-up's autotuning and
+            # compiles); CPU: the first call, which doubles as warm-up for cases taking seconds
+            mem = peak_memory_mb(case.fn, case.device) if memory and not cuda else float("nan")
+            tm = measure(case.fn, case.device, warmup, repeats, max_seconds)
+            if memory and cuda:
+                mem = peak_memory_mb(case.fn, case.device)
+            med = statistics.median(tm.times)
+            res = Result(case.name, case.group, case.device, med, min(tm.times), max(tm.times),
+                         len(tm.times), mem, case.meta, spread=spread(med, min(tm.times), max(tm.times)),
+                         settled=tm.settled, warmup_calls=tm.warmup_calls,
+                         calls_per_sample=tm.calls_per_sample, clock=tm.clock)
         except Exception as exc:  # a baseline that cannot run here is reported, not fatal
             res = Result(case.name, case.group, case.device, float("nan"), float("nan"),
                          float("nan"), 0, float("nan"), case.meta, error=f"{type(exc).__name__}: {exc}")
@@ -186,9 +311,12 @@ def run_cases(cases: list[Case], *, warmup: int = 1, repeats: int = 5, max_secon
             if res.error:
                 print(f"  {case.group:<28} {case.name:<30} ERROR {res.error[:120]}", flush=True)
             else:
+                flag = "" if res.spread_ok else ("  UNSETTLED" if not res.settled else "  SPREAD>15%")
                 print(f"  {case.group:<28} {case.name:<30} {res.median_ms:10.2f} ms "
-                      f"(min {res.min_ms:.2f}, max {res.max_ms:.2f}, n={res.repeats})  "
-                      f"peak +{res.peak_mem_mb:.1f} MiB", flush=True)
+                      f"(min {res.min_ms:.2f}, max {res.max_ms:.2f}, n={res.repeats}"
+                      f"{f' x{res.calls_per_sample} calls' if res.calls_per_sample > 1 else ''}, "
+                      f"spread {100 * res.spread:.0f}%, warm-up {res.warmup_calls})  "
+                      f"peak +{res.peak_mem_mb:.1f} MiB{flag}", flush=True)
     fill_ratios(results, baselines, floors)
     return results
 
@@ -221,16 +349,20 @@ def fill_ratios(results: list[Result], baselines: dict[str, str] | None = None,
 def markdown_table(results: list[Result], title: str = "") -> str:
     """Results as a Markdown table, one row per case, ratios in the last column."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| group | case | median ms | min ms | max ms | peak MiB | ratios |",
-              "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    lines += ["| group | case | median ms | min ms | max ms | spread | peak MiB | ratios |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in results:
         ratios = "; ".join(f"{k} {v:.2f}x" if "floor" not in k else f"{k} {v:.2f}"
                            for k, v in r.ratios.items())
         if r.error:
-            lines.append(f"| {r.group} | {r.name} | error | | | | {r.error[:80]} |")
+            lines.append(f"| {r.group} | {r.name} | error | | | | | {r.error[:80]} |")
         else:
+            sp = f"{100 * r.spread:.0f}%" + ("" if r.spread_ok else " (!)")
             lines.append(f"| {r.group} | {r.name} | {r.median_ms:.2f} | {r.min_ms:.2f} | "
-                         f"{r.max_ms:.2f} | {r.peak_mem_mb:.1f} | {ratios} |")
+                         f"{r.max_ms:.2f} | {sp} | {r.peak_mem_mb:.1f} | {ratios} |")
+    if any(not r.error and not r.spread_ok for r in results):
+        lines += ["", f"(!) min or max more than {100 * SPREAD_LIMIT:.0f} % from the median, or a "
+                      "warm-up that never settled: the figure is not a steady-state time."]
     return "\n".join(lines) + "\n"
 
 
@@ -260,9 +392,20 @@ def save(bench: str, results: list[Result], extra: dict | None = None,
     return base + ".json", base + ".md"
 
 
+class _Parser(argparse.ArgumentParser):
+    """With ``REGIONMED_BENCH_DRY=1`` in the environment, exits (status 0) right after a
+    successful parse: ``run_all.py --dry-run`` checks a bench's command line without running it."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns = super().parse_args(args, namespace)
+        if os.environ.get("REGIONMED_BENCH_DRY") == "1":
+            raise SystemExit(0)
+        return ns
+
+
 def common_args(description: str) -> argparse.ArgumentParser:
     """Arguments every benchmark script takes: ``--quick``, ``--device``, ``--repeats``, ``--out``."""
-    p = argparse.ArgumentParser(description=description)
+    p = _Parser(description=description)
     p.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI smoke run)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)

@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("regionmed_fast.data.cli:shard_main", "write WebDataset .tar shards of a dataset"),
     "convert": ("regionmed_fast.data.cli:convert_main", "convert COCO / CSV / triplets to a manifest"),
     "train": ("regionmed_fast.train.cli:train_main", "progressive training from a stages YAML"),
-    "demo": ("regionmed_fast.train.demo:cli_main", "synthetic data, train region-aware vs global, compare"),
+    "demo": ("regionmed_fast.apps.demo:cli_main", "synthetic data, train region-aware vs global, compare"),
     "eval": ("regionmed_fast.eval.cli:eval_main", "retrieval, zero-shot, grounding, VQA with a report"),
     "bench": ("regionmed_fast.bench_cli:cli_main", "run the benchmark suite (benchmarks/run_all.py)"),
 }

@@ -33,6 +33,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") and not run_slow:
             item.add_marker(skip_slow)
+        # the marker, not "gpu" in item.keywords: a folder named gpu would match that
         if item.get_closest_marker("gpu") and not on_gpu:
             item.add_marker(skip_gpu)
 

@@ -140,7 +140,7 @@ def test_readme_perf_renders_a_run_and_judges_its_goal(tmp_path):
                 "ratios": {"speedup vs torchvision": speed}, "error": ""}
 
     payload = {"bench": "roi", "time": "2026-01-02T03:04:05+00:00", "machine": machine,
-               "results": [row("torchvision", 90.0, 8.0, 1.0), row("ours-cpu", 10.0, 2.0, 9.0)]}
+               "results": [row("torchvision", 90.0, 8.0, 1.0), row("ours-cpp", 10.0, 2.0, 9.0)]}
     (tmp_path / "cpu7-test-roi.json").write_text(json.dumps(payload))
     out = rp.render(str(tmp_path))
     assert "Machine `cpu7-test`" in out and "7 CPU cores" in out and "2026-01-02 03:04 UTC" in out

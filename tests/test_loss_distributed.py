@@ -40,6 +40,11 @@ def _cases():
     cases.append(dict(x=xi, y=yi, split_x=[7, 4], split_y=[2, 7], kw={}, ids=ids))
     cases.append(dict(x=xi, y=yi, split_x=[7, 4], split_y=[2, 7], kw=dict(hard_negative_beta=0.3), ids=ids))
     cases.append(dict(x=xi, y=yi, split_x=[3, 8], split_y=[5, 4], kw=dict(kind="sigmoid"), ids=ids, bias=True))
+    # a rank whose shard is empty (the region loss when its images have no boxes): it gets the
+    # global loss, empty gradients for its empty inputs and the full logit_scale gradient
+    cases.append(dict(x=x, y=y, split_x=[0, 10], split_y=[0, 10], kw={}))
+    cases.append(dict(x=xi, y=yi, split_x=[11, 0], split_y=[0, 9], kw=dict(hard_negative_beta=0.3), ids=ids))
+    cases.append(dict(x=xi, y=yi, split_x=[0, 11], split_y=[9, 0], kw=dict(kind="sigmoid"), ids=ids, bias=True))
     return cases
 
 

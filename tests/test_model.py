@@ -151,16 +151,31 @@ def test_roi_pooling_matches_torchvision(model):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_bad_boxes(model):
+def test_bad_boxes_are_checked_once_by_the_op(model, monkeypatch):
+    import regionmed_fast.ops.roi as roi_ops
+    calls = []
+    real = roi_ops._check_rois
+    monkeypatch.setattr(roi_ops, "_check_rois", lambda *a: (calls.append(1), real(*a)))
     images = torch.randn(1, 3, 128, 128)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match="roi_pool_fuse: box 0 has a NaN"):
         model.encode_image(images, [torch.tensor([[1.0, float("nan"), 5.0, 5.0]])])
+    # reversed corners are rejected, not swapped; also when growing or clamping could hide them
+    with pytest.raises(ValueError, match="reversed corners"):
+        model.encode_image(images, [torch.tensor([[30.0, 10.0, 28.0, 12.0]])])
+    with pytest.raises(ValueError, match="reversed corners"):
+        model.encode_image(images, [torch.tensor([[300.0, 10.0, 200.0, 20.0]])])
+    with pytest.raises(ValueError, match="batch index"):
+        model.encode_image(images, torch.tensor([[1.0, 0.0, 0.0, 9.0, 9.0]]))
     with pytest.raises(ValueError, match="box_counts"):
         model.encode_image(images, torch.zeros(1, 2, 4), box_counts=torch.tensor([3]))
     with pytest.raises(ValueError, match="list of 2"):
         model.encode_image(images, [torch.zeros(0, 4)] * 2)
-    with pytest.warns(UserWarning, match="outside"):
-        model.encode_image(images, [torch.tensor([[-5.0, 10.0, 300.0, 20.0]])])
+    assert len(calls) == 4  # the op's one check per call; the model adds none
+    # a box partly outside the image pools its inside part: the same as the clamped box
+    with torch.no_grad():
+        out = model.encode_image(images, [torch.tensor([[-5.0, 10.0, 300.0, 20.0]])])
+        inside = model.encode_image(images, [torch.tensor([[0.0, 10.0, 128.0, 20.0]])])
+    torch.testing.assert_close(out, inside)
 
 
 def test_global_only_baseline(tok):
@@ -175,12 +190,15 @@ def test_global_only_baseline(tok):
 
 
 def test_save_load_round_trip(model, tok, tmp_path):
-    model.save_pretrained(tmp_path)
+    split = {"group_key": "patient_id", "test_fraction": 0.3, "val_fraction": 0.1}
+    model.save_pretrained(tmp_path, metadata={"split": split})
     assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
     from safetensors import safe_open
     with safe_open(tmp_path / "model.safetensors", "pt") as f:  # plain safetensors, no pickle
         assert "roi.gate_weight" in f.keys()
     loaded = RegionMedCLIP.from_pretrained(tmp_path).eval()
+    assert loaded.pretrained_metadata == {"split": split}
+    assert loaded.config == model.config
     b = _batch(tok)
     with torch.no_grad():
         a, c = model(b), loaded(b)
@@ -204,6 +222,16 @@ def test_mismatched_config_is_a_clear_error(model, tmp_path):
         RegionMedCLIP.from_pretrained(tmp_path, config=model_config(
             "regionmed-tiny", text="tiny", use_roi=False))
     cfg = json.loads((tmp_path / "config.json").read_text())
+    # a folder written before the proposer existed loads with the default proposer
+    old = json.loads(json.dumps(cfg))
+    del old["config"]["proposer"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert RegionMedCLIP.read_config(tmp_path).proposer.num_boxes == 3
+    cfg["config"]["proposer"]["num_boxes"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="proposer: proposer num_boxes must be a positive"):
+        RegionMedCLIP.read_config(tmp_path)
+    cfg["config"]["proposer"]["num_boxes"] = 3
     cfg["config"]["vision"]["widht"] = 3
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="unknown keys.*widht"):
@@ -220,12 +248,35 @@ def test_factory_names_overrides_and_transforms():
         model_config("regionmed-tiny", vision={"depht": 2})
     base = model_config("regionmed-base")
     assert (base.vision.width, base.vision.depth, base.vision.patch_size) == (768, 12, 16)
+    import regionmed_fast.model as pkg
+    assert not hasattr(pkg, "ROIConfig") and not hasattr(pkg, "ROIProcessor")  # one spelling
     from PIL import Image
     m, train_tf, eval_tf = create_model_and_transforms("regionmed-tiny", text="tiny",
                                                        image_size=64, embed_dim=32)
     x = eval_tf(Image.new("L", (100, 80), 128))
     assert x.shape == (3, 64, 64) and train_tf(Image.new("RGB", (50, 50))).shape == (3, 64, 64)
     assert m.encode_image(x[None]).shape == (1, 32)
+    # the trained size, when the trainer recorded one, is the preprocess size
+    assert create_model_and_transforms("regionmed-tiny", text="tiny", trained_image_size=96
+                                       )[2](Image.new("RGB", (50, 50))).shape == (3, 96, 96)
+
+
+def test_preprocess_equals_the_eval_batch_path(tmp_path):
+    # what a user's preprocess gives is what evaluation (data.batch.build_batch) feeds the model
+    import numpy as np
+    from PIL import Image
+
+    from regionmed_fast.data.batch import build_batch
+    from regionmed_fast.data.manifest import read_manifest
+    from regionmed_fast.model import image_transform
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(tmp_path / "images/a.png")
+    (tmp_path / "annotations.jsonl").write_text(json.dumps(
+        {"image": "images/a.png", "width": 90, "height": 70, "text": "x", "regions": []}) + "\n")
+    batch = build_batch(read_manifest(str(tmp_path)), image_size=64, train=False)
+    with Image.open(tmp_path / "images/a.png") as im:
+        assert torch.equal(image_transform(64, False)(im), batch["images"][0])
 
 
 def test_vit_other_sizes_and_checkpointing(model):
@@ -260,11 +311,21 @@ def test_conv_stem():
 
 
 def test_patch_text_similarity(model, tok):
+    images = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         t = model.encode_text(*tok(["a nodule", "a mass"]))
-        s = model.patch_text_similarity(torch.randn(2, 3, 128, 128), t)
-        s1 = model.patch_text_similarity(torch.randn(2, 3, 128, 128), t[0])
-    assert s.shape == s1.shape == (2, 8, 8) and s.abs().max() <= 1.0 + 1e-5
+        s = model.patch_text_similarity(images, t)
+        s1 = model.patch_text_similarity(images, t[0])
+        _, grid = model.visual(images)
+        patches = F.normalize(model.image_proj(grid), dim=-1)
+        # a text embedding equal to one patch's embedding points at that patch, with cosine 1
+        target = model.patch_text_similarity(images, patches[:, 3, 5])
+    assert s.shape == s1.shape == (2, 8, 8)
+    torch.testing.assert_close(s, torch.einsum("bhwd,bd->bhw", patches, t), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1[1], torch.einsum("hwd,d->hw", patches[1], t[0]),
+                               atol=1e-5, rtol=1e-5)
+    assert [divmod(int(m.argmax()), 8) for m in target] == [(3, 5), (3, 5)]
+    torch.testing.assert_close(target[:, 3, 5], torch.ones(2), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="text_emb"):
         model.patch_text_similarity(torch.randn(2, 3, 128, 128), torch.randn(3, 256))
 

@@ -236,8 +236,10 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, synth):
 
 # ---------------------------------------------------------------- it learns
 def test_tiny_model_learns_synthetic_data_far_above_chance(tmp_path):
+    from regionmed_fast.data.manifest import read_manifest
+    from regionmed_fast.data.split import select_split
     from regionmed_fast.data.synthetic import write_dataset
-    from regionmed_fast.eval.embed import embed_split, read_records, split_records
+    from regionmed_fast.eval.embed import embed_split
     from regionmed_fast.eval.retrieval import evaluate_retrieval
     from regionmed_fast.train.trainer import Trainer
 
@@ -253,9 +255,9 @@ def test_tiny_model_learns_synthetic_data_far_above_chance(tmp_path):
     summary = tr.fit()
     hist = summary["history"]
     assert hist[-1]["loss_global"] < hist[0]["loss_global"] - 0.5
-    recs = split_records(read_records(root), "test")  # held-out images and texts
-    es = embed_split(tr.model, recs, tr.tokenizer, 32)
-    res = evaluate_retrieval(es, tr.model, tr.tokenizer)
+    recs = select_split(read_manifest(root), "test")  # held-out images and texts
+    es = embed_split(tr.model, recs, 32)
+    res = evaluate_retrieval(es, tr.model, tr.tokenizer, es.rows())
     chance = 10 / res["n_unique_texts"]  # R@10 of a random ranking (64 texts here)
     r10 = (res["image_to_text"]["global"]["R@10"] + res["text_to_image"]["global"]["R@10"]) / 2
     assert r10 > 2 * chance, (res["image_to_text"]["global"], res["text_to_image"]["global"], chance)

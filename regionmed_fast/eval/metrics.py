@@ -2,7 +2,7 @@
 deduplication, and classification metrics (accuracy, balanced accuracy, macro AUROC, confusion
 matrix). Plain torch, no sklearn.
 
-Conventions (also in README-eval):
+Conventions (also in docs/evaluation.md):
 
 * Deduplication: texts are compared after collapsing runs of whitespace and stripping the ends
   (case is kept). Identical texts become ONE key; every image carrying that text is a correct
@@ -29,7 +29,8 @@ import torch
 __all__ = [
     "normalize_text", "dedup_texts", "retrieval_ranks", "recall_at_k", "median_rank",
     "retrieval_summary", "topk_chunked", "accuracy", "balanced_accuracy", "confusion_matrix",
-    "binary_auroc", "macro_auroc",
+    "binary_auroc", "macro_auroc", "bootstrap_indices", "percentile_interval", "mean_interval",
+    "macro_auroc_resampled", "verdict", "difference", "mean_difference",
 ]
 
 _WS = re.compile(r"\s+")
@@ -260,3 +261,94 @@ def macro_auroc(y_true, scores: torch.Tensor) -> tuple[float, list[float]]:
     per = [binary_auroc(t == c, scores[:, c]) for c in range(scores.shape[1])]
     valid = [a for a in per if not math.isnan(a)]
     return (sum(valid) / len(valid) if valid else float("nan")), per
+
+
+# ----------------------------------------------------------------------------- intervals
+
+def bootstrap_indices(n: int, n_boot: int = 1000, seed: int = 0) -> torch.Tensor:
+    """int64 [n_boot, n]: resamples (with replacement) of ``n`` items from a seeded generator,
+    so the same ``(n, n_boot, seed)`` gives the same intervals in every process."""
+    if n < 1 or n_boot < 1:
+        raise ValueError(f"bootstrap needs n >= 1 and n_boot >= 1, got n={n}, n_boot={n_boot}")
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randint(0, n, (n_boot, n), generator=g)
+
+
+def percentile_interval(samples: torch.Tensor, level: float = 0.95) -> list[float]:
+    """The central ``level`` percentile interval of bootstrap ``samples`` (NaNs dropped)."""
+    s = samples.double()
+    s = s[~torch.isnan(s)]
+    if s.numel() == 0:
+        return [float("nan"), float("nan")]
+    q = torch.tensor([(1 - level) / 2, 1 - (1 - level) / 2], dtype=torch.float64)
+    lo, hi = torch.quantile(s, q).tolist()
+    return [lo, hi]
+
+
+def mean_interval(values: torch.Tensor, idx: torch.Tensor, level: float = 0.95) -> list[float]:
+    """Bootstrap interval of the mean of per-item ``values`` [n] over resamples ``idx``
+    [n_boot, n] (pass the difference of two paired value vectors for a paired interval)."""
+    return percentile_interval(values.double()[idx].mean(dim=1), level)
+
+
+def macro_auroc_resampled(y_true, scores: torch.Tensor, idx: torch.Tensor,
+                          block: int = 4096) -> torch.Tensor:
+    """Macro AUROC (as :func:`macro_auroc`) of every bootstrap resample ``idx`` [n_boot, n]
+    at once -> float64 [n_boot].
+
+    A resample counts item ``i`` ``c_i`` times, so its AUROC for class ``k`` is
+    ``sum_{i pos, j neg} c_i c_j H(s_i - s_j) / (sum_pos c_i * sum_neg c_j)`` with ``H`` = 1 for
+    greater, 1/2 for ties: one matrix product per class over the pairs of the full set (in
+    blocks of ``block`` negatives), instead of a sort per resample.
+    """
+    t = _as_long(y_true, "y_true")
+    s = torch.as_tensor(scores, dtype=torch.float64)
+    n_boot, n = idx.shape
+    counts = torch.zeros(n_boot, n, dtype=torch.float64)
+    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float64))
+    per = []
+    for c in range(s.shape[1]):
+        pos, neg = t == c, t != c
+        if not pos.any() or not neg.any():
+            continue
+        sp, sn = s[pos, c], s[neg, c]
+        cp, cn = counts[:, pos], counts[:, neg]
+        num = torch.zeros(n_boot, dtype=torch.float64)
+        for j0 in range(0, sn.numel(), block):
+            blk = sn[j0:j0 + block]
+            h = (sp[:, None] > blk[None]).double() + 0.5 * (sp[:, None] == blk[None]).double()
+            num += ((cp @ h) * cn[:, j0:j0 + block]).sum(1)
+        den = cp.sum(1) * cn.sum(1)
+        per.append(torch.where(den > 0, num / den.clamp_min(1), torch.full_like(num, math.nan)))
+    if not per:
+        return torch.full((n_boot,), math.nan, dtype=torch.float64)
+    return torch.stack(per, 1).nanmean(1)
+
+
+def verdict(interval: Sequence[float]) -> str:
+    """How to say a difference: ``"higher"`` / ``"lower"`` only when its interval excludes 0,
+    otherwise ``"cannot be told apart"``."""
+    lo, hi = interval
+    if lo != lo or hi != hi:
+        return "cannot be told apart"
+    if lo > 0:
+        return "higher"
+    if hi < 0:
+        return "lower"
+    return "cannot be told apart"
+
+
+def difference(full: float, samples: torch.Tensor, level: float = 0.95) -> dict:
+    """A difference on the full set with the interval of its bootstrap ``samples`` (each the
+    difference on one resample, both sides on the same items: paired):
+    ``{"diff", "ci95", "verdict"}``."""
+    ci = percentile_interval(samples, level)
+    return {"diff": float(full), "ci95": ci, "verdict": verdict(ci)}
+
+
+def mean_difference(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor,
+                    level: float = 0.95) -> dict:
+    """Paired difference of the means of per-item values ``a`` and ``b`` [n] (for example 0/1
+    correctness of two rows on the same queries) over resamples ``idx``."""
+    d = a.double() - b.double()
+    return difference(float(d.mean()), d[idx].mean(dim=1), level)

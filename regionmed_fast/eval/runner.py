@@ -1,7 +1,11 @@
 """``evaluate(model, data_dir, tasks=..., report_dir=None, split=...)``: embed the split once,
-run the tasks, optionally write the report."""
+run the tasks on the headline rows, then the oracle-box section apart, optionally write the
+report. Evaluation reads nothing from a training run but the model folder (``config.json`` +
+``model.safetensors``) and imports no training code.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pathlib
 import time
@@ -9,15 +13,25 @@ from collections.abc import Sequence
 
 import torch
 
-from .embed import EvalSet, Tokenizer, embed_split, read_records, split_records
+from regionmed_fast.data.manifest import read_manifest, read_qa
+from regionmed_fast.data.split import TEST_FRACTION, VAL_FRACTION, select_split
+from regionmed_fast.model import RegionMedCLIP
+
+from .embed import GLOBAL, PROPOSED, EvalSet, Tokenizer, embed_split, eval_mode, has_regions
 from .grounding import evaluate_grounding
+from .report import write_report
 from .retrieval import evaluate_retrieval
-from .vqa import evaluate_vqa, generate_qa, read_qa
+from .vqa import evaluate_vqa, generate_qa
 from .zeroshot import evaluate_zeroshot
 
 log = logging.getLogger("regionmed_fast.eval")
 
 TASKS = ("retrieval", "zeroshot", "grounding", "vqa")
+ORACLE_TASKS = ("retrieval", "zeroshot", "grounding")
+ORACLE_NOTE = ("oracle boxes: the annotated boxes of the test images are given to the model; "
+               "rows over the images that have annotated boxes only (so box presence cannot "
+               "signal the class), next to the headline rows on the same images; not comparable "
+               "to a model that gets no annotation")
 
 
 def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
@@ -38,36 +52,9 @@ def find_checkpoint(path: str | pathlib.Path) -> pathlib.Path:
     return max(cands, key=lambda c: (c / "config.json").stat().st_mtime)
 
 
-def run_image_size(path: str | pathlib.Path) -> int | None:
-    """Image size of the last stage of the training run that wrote ``path`` (a run folder or its
-    ``model/`` folder), read from ``checkpoints/last.pt``; None when there is no such run."""
-    p = pathlib.Path(path)
-    for run in (p, p.parent):
-        ck = run / "checkpoints" / "last.pt"
-        if ck.is_file():
-            try:
-                from regionmed_fast.train.checkpoint import load
-
-                cfg = load(str(ck)).get("config", {})
-            except Exception as e:  # an unreadable checkpoint only costs us the hint
-                log.warning("%s: cannot read the run config (%s); using the model's image size", ck, e)
-                return None
-            stages = cfg.get("stages") or [{}]
-            return int(stages[-1].get("image_size") or cfg.get("image_size"))
-    return None
-
-
-def load_model(path: str | pathlib.Path):
-    """A RegionMedCLIP from a save_pretrained folder or a training run folder. When the folder
-    belongs to a training run, ``model.eval_image_size`` is the run's last-stage image size."""
-    from regionmed_fast.model import RegionMedCLIP  # imported late: the model package is optional here
-
-    folder = find_checkpoint(path)
-    model = RegionMedCLIP.from_pretrained(str(folder))
-    size = run_image_size(path) or run_image_size(folder)
-    if size:
-        model.eval_image_size = size
-    return model
+def load_model(path: str | pathlib.Path) -> RegionMedCLIP:
+    """A RegionMedCLIP from a save_pretrained folder or a training run folder, in eval mode."""
+    return RegionMedCLIP.from_pretrained(str(find_checkpoint(path))).eval()
 
 
 def model_tokenizer(model) -> Tokenizer:
@@ -80,19 +67,34 @@ def model_tokenizer(model) -> Tokenizer:
 
 
 def model_image_size(model) -> int:
-    """The size to evaluate at: ``model.eval_image_size`` (set from a run), else the vision
-    config's ``image_size``."""
-    v = getattr(model, "eval_image_size", None)
-    if isinstance(v, int):
-        return v
+    """The size to evaluate at: the size the weights were last trained at
+    (``config.trained_image_size``, set by the trainer), else the vision config's."""
     cfg = getattr(model, "config", None)
-    for c in (getattr(cfg, "vision", None), cfg):
-        v = getattr(c, "image_size", None)
-        if isinstance(v, int):
-            return v
-        if isinstance(v, (tuple, list)) and v:
-            return int(v[0])
-    raise ValueError("cannot tell the model's image size; pass image_size=")
+    size = getattr(cfg, "trained_image_size", None) or getattr(getattr(cfg, "vision", None),
+                                                               "image_size", None)
+    if not isinstance(size, int):
+        raise ValueError("cannot tell the model's image size; pass image_size=")
+    return size
+
+
+def split_settings(model, group_key: str | None = None, test_fraction: float | None = None,
+                   val_fraction: float | None = None) -> dict:
+    """The split rule's settings: the arguments given, else what the model's training run
+    recorded (``config.json`` metadata ``"split"``), else the defaults of
+    ``regionmed_fast.data.split``. ``source`` says where each came from."""
+    saved = getattr(model, "pretrained_metadata", {}) or {}
+    saved = saved.get("split") if isinstance(saved.get("split"), dict) else {}
+    out, source = {}, {}
+    for key, given, default in (("group_key", group_key, None),
+                                ("test_fraction", test_fraction, TEST_FRACTION),
+                                ("val_fraction", val_fraction, VAL_FRACTION)):
+        if given is not None:
+            out[key], source[key] = given, "argument"
+        elif key in saved:
+            out[key], source[key] = saved[key], "model metadata"
+        else:
+            out[key], source[key] = default, "default"
+    return {**out, "source": source}
 
 
 def _parse_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -104,52 +106,79 @@ def _parse_tasks(tasks: str | Sequence[str]) -> list[str]:
     return list(tasks)
 
 
-def run_vqa(model, tokenizer: Tokenizer, data_dir, records: list[dict], eval_split: str | None, *,
-            image_size: int, batch_size: int, group_key: str | None, seed: int,
-            eval_set: EvalSet | None = None) -> dict:
+def run_vqa(model, tokenizer: Tokenizer, data_dir, records: list[dict], eval_split: str | None,
+            es: EvalSet, *, image_size: int, batch_size: int, split: dict, seed: int,
+            proposer: dict | None, n_boot: int) -> dict:
     """Train the VQA head on the train split, score on ``eval_split`` (see vqa.py)."""
-    qa = read_qa(data_dir)
+    qa = read_qa(str(data_dir))
     source = "qa.jsonl"
-    if qa is None:
+    if not qa:
         qa = generate_qa(records, seed=seed)
-        source = "generated from annotations (no qa.jsonl): labels, region count/kind/location/size, view, criteria"
-    want = "test" if eval_split in (None, "all", "val") else eval_split
-    if want == "train":
+        source = ("generated from annotations (no qa.jsonl): labels, region count/kind/location/"
+                  "size, view, criteria")
+    if eval_split == "train":
         raise ValueError("VQA trains its head on the train split; evaluate it on another split")
-    train_recs = split_records(records, "train", group_key=group_key)
-    test_recs = split_records(records, want, group_key=group_key)
-    train_imgs = {r["image"] for r in train_recs}
-    test_imgs = {r["image"] for r in test_recs}
-    train_qa = [q for q in qa if q["image"] in train_imgs]
-    test_qa = [q for q in qa if q["image"] in test_imgs]
-    need = [r for r in records if r["image"] in train_imgs | test_imgs]
-    emb: dict[str, torch.Tensor] = {}
-    if eval_set is not None:
-        e = eval_set.image_fused if eval_set.image_fused is not None else eval_set.image_global
-        emb.update({r["image"]: e[i] for i, r in enumerate(eval_set.records)})
-    rest = [r for r in need if r["image"] not in emb]
-    if rest:
-        es = embed_split(model, rest, tokenizer, image_size, batch_size)
-        e = es.image_fused if es.image_fused is not None else es.image_global
-        emb.update({r["image"]: e[i] for i, r in enumerate(rest)})
-    out = evaluate_vqa(train_qa, test_qa, emb, model, tokenizer, seed=seed, qa_source=source)
-    out["image_embedding"] = "region_aware" if (eval_set and eval_set.image_fused is not None) else "global"
+    rule = {k: split[k] for k in ("group_key", "test_fraction", "val_fraction")}
+    train_recs = select_split(records, "train", **rule)
+    test_images = ({r["image"] for r in es.records} if eval_split not in (None, "all")
+                   else {r["image"] for r in select_split(records, "test", **rule)})
+    train_images = {r["image"] for r in train_recs}
+    emb: dict[str, dict[str, torch.Tensor]] = {}
+    if eval_split in (None, "all"):  # ``es`` holds every image: the train and test ones among them
+        sets = [es]
+    else:
+        sets = [es] + ([embed_split(model, train_recs, image_size, batch_size, proposer=proposer)]
+                       if train_recs else [])
+    for s in sets:
+        for row, e in s.rows().items():
+            emb.setdefault(row, {}).update({r["image"]: e[i] for i, r in enumerate(s.records)})
+    out = evaluate_vqa([q for q in qa if q["image"] in train_images],
+                       [q for q in qa if q["image"] in test_images], emb, es.blank, model,
+                       tokenizer, seed=seed, qa_source=source, n_boot=n_boot)
+    out["oracle_boxes"] = "not run: the annotated boxes answer several generated questions"
+    return out
+
+
+def _oracle_section(es: EvalSet, model, tokenizer, tasks, *, batch_size, chunk_size, n_boot,
+                    seed, prompt_sets) -> dict:
+    if es.oracle is None:
+        return {"skipped": "the model has no RoI processor (global-only)"}
+    idx = [i for i, has in enumerate(es.has_boxes) if has]
+    if len(idx) < 2:
+        return {"skipped": f"{len(idx)} image(s) of the split have annotated boxes"}
+    sub = es.subset(idx)
+    rows = sub.rows(oracle=True)
+    out: dict = {"note": ORACLE_NOTE, "n_images": len(idx), "rows": list(rows)}
+    if "retrieval" in tasks:
+        out["retrieval"] = evaluate_retrieval(sub, model, tokenizer, rows, chunk_size=chunk_size,
+                                              n_boot=n_boot, seed=seed, region_rows=True)
+    if "zeroshot" in tasks:
+        out["zeroshot"] = evaluate_zeroshot(sub, model, tokenizer, rows, prompt_sets=prompt_sets,
+                                            n_boot=n_boot, seed=seed)
+    if "grounding" in tasks:
+        out["grounding"] = evaluate_grounding(sub, model, tokenizer, batch_size=batch_size,
+                                              oracle=True)
     return out
 
 
 def evaluate(model, data_dir: str | pathlib.Path, tasks: str | Sequence[str] = TASKS,
              report_dir: str | pathlib.Path | None = None, split: str | None = "test", *,
-             tokenizer: Tokenizer | None = None, image_size: int | None = None, batch_size: int = 32,
-             chunk_size: int = 1024, group_key: str | None = None, seed: int = 0,
-             records: list[dict] | None = None) -> dict:
+             tokenizer: Tokenizer | None = None, image_size: int | None = None,
+             batch_size: int = 32, chunk_size: int = 1024, group_key: str | None = None,
+             test_fraction: float | None = None, val_fraction: float | None = None,
+             seed: int = 0, records: list[dict] | None = None, proposer: dict | None = None,
+             prompt_sets="auto", n_boot: int = 1000, oracle: bool = True) -> dict:
     """Evaluate ``model`` (a RegionMedCLIP, or a path to a save_pretrained / run folder) on the
-    ``split`` of the dataset folder ``data_dir``.
+    ``split`` of the dataset folder ``data_dir``; deterministic for a given model, data and seed.
 
-    split: "test"/"val" (same thing), "train", or None/"all". Records with a ``split`` field
-    follow it; others are split by SHA-1 of ``record[group_key]`` (e.g. "patient_id") or of the
-    image path (30% test). tasks: any of retrieval, zeroshot, grounding, vqa (list or
-    comma-separated). report_dir: write report.md, results.json and PNG figures there.
-    records: pre-read manifest records (each with ``_root``), to skip re-reading.
+    split: ``"test"``, ``"val"``, ``"train"`` or ``None``/``"all"``, chosen by the project's one
+    split rule (``regionmed_fast.data.split.select_split``) with ``group_key``,
+    ``test_fraction``, ``val_fraction`` (default: what the model's training run recorded, else
+    the rule's defaults). tasks: any of retrieval, zeroshot, grounding, vqa. Headline rows:
+    ``global`` and, for a region-aware model, ``proposed_boxes`` (``proposer``: overrides of the
+    model's proposer settings); the ``oracle`` section (annotated boxes) is apart.
+    ``report_dir``: write report.md, results.json, timing.json and PNG figures there.
+    ``records``: pre-read manifest records (as ``read_manifest`` returns them).
     Returns a JSON-able dict of every number (``report_files`` lists what was written).
     """
     tasks = _parse_tasks(tasks)
@@ -157,30 +186,60 @@ def evaluate(model, data_dir: str | pathlib.Path, tasks: str | Sequence[str] = T
         model = load_model(model)
     tokenizer = tokenizer or model_tokenizer(model)
     image_size = image_size or model_image_size(model)
-    records = records if records is not None else read_records(data_dir)
-    eval_recs = split_records(records, split, group_key=group_key)
+    rule = split_settings(model, group_key, test_fraction, val_fraction)
+    records = records if records is not None else read_manifest(str(data_dir))
+    split = None if split == "all" else split
+    eval_recs = select_split(records, split, group_key=rule["group_key"],
+                             test_fraction=rule["test_fraction"], val_fraction=rule["val_fraction"])
     if not eval_recs:
-        raise ValueError(f"{data_dir}: split {split!r} has no images")
-    t0 = time.perf_counter()
-    es = embed_split(model, eval_recs, tokenizer, image_size, batch_size)
-    results: dict = {"data_dir": str(data_dir), "split": split, "n_images": es.n_images,
-                     "n_regions": len(es.region_texts), "image_size": image_size,
-                     "region_aware": es.image_fused is not None, "tasks": tasks,
-                     "timing_s": {"embed": time.perf_counter() - t0}}
-    runners = {
-        "retrieval": lambda: evaluate_retrieval(es, model, tokenizer, chunk_size=chunk_size),
-        "zeroshot": lambda: evaluate_zeroshot(es, model, tokenizer),
-        "grounding": lambda: evaluate_grounding(es, model, tokenizer, batch_size=batch_size),
-        "vqa": lambda: run_vqa(model, tokenizer, data_dir, records, split, image_size=image_size,
-                               batch_size=batch_size, group_key=group_key, seed=seed, eval_set=es),
-    }
-    for t in tasks:
-        t1 = time.perf_counter()
-        results[t] = runners[t]()
-        results["timing_s"][t] = time.perf_counter() - t1
-        log.info("eval %s done in %.1f s", t, results["timing_s"][t])
+        hint = (" (no record says split 'val' and the val fraction is 0: pass the trainer's "
+                "--val-fraction)" if split == "val" and not rule["val_fraction"] else "")
+        raise ValueError(f"{data_dir}: split {split!r} has no images{hint}")
+    proposer = dict(proposer or {})
+    timing: dict[str, float] = {}
+    with eval_mode(model):
+        t0 = time.perf_counter()
+        es = embed_split(model, eval_recs, image_size, batch_size, proposer=proposer)
+        timing["embed"] = time.perf_counter() - t0
+        rows = es.rows()
+        prop_cfg = getattr(getattr(model, "config", None), "proposer", None)
+        if dataclasses.is_dataclass(prop_cfg):
+            prop_cfg = {**dataclasses.asdict(prop_cfg), **proposer}
+        results: dict = {
+            "data_dir": str(data_dir), "split": split or "all", "split_rule": rule,
+            "n_images": es.n_images, "n_regions": len(es.region_texts),
+            "n_images_with_boxes": sum(es.has_boxes), "image_size": image_size,
+            "region_aware": has_regions(model), "rows": list(rows),
+            "proposer": prop_cfg if has_regions(model) else None, "tasks": tasks, "seed": seed,
+            "n_boot": n_boot}
+        runners = {
+            "retrieval": lambda: evaluate_retrieval(es, model, tokenizer, rows,
+                                                    chunk_size=chunk_size, n_boot=n_boot, seed=seed),
+            "zeroshot": lambda: evaluate_zeroshot(es, model, tokenizer, rows,
+                                                  prompt_sets=prompt_sets, n_boot=n_boot, seed=seed),
+            "grounding": lambda: evaluate_grounding(es, model, tokenizer, batch_size=batch_size),
+            "vqa": lambda: run_vqa(model, tokenizer, data_dir, records, split, es,
+                                   image_size=image_size, batch_size=batch_size, split=rule,
+                                   seed=seed, proposer=proposer, n_boot=n_boot),
+        }
+        for t in tasks:
+            t1 = time.perf_counter()
+            results[t] = runners[t]()
+            timing[t] = time.perf_counter() - t1
+            log.info("eval %s done in %.1f s", t, timing[t])
+        if oracle and any(t in ORACLE_TASKS for t in tasks):
+            t1 = time.perf_counter()
+            results["oracle"] = _oracle_section(es, model, tokenizer, tasks, batch_size=batch_size,
+                                                chunk_size=chunk_size, n_boot=n_boot, seed=seed,
+                                                prompt_sets=prompt_sets)
+            timing["oracle"] = time.perf_counter() - t1
     if report_dir is not None:
-        from .report import write_report
-
-        results["report_files"] = write_report(results, es, report_dir)
+        results["report_files"] = write_report(results, es, report_dir, timing=timing)
+    # wall times vary from run to run: returned, and written to timing.json, never to
+    # results.json (which the same model, data and seed reproduce exactly)
+    results["timing_s"] = timing
     return results
+
+
+__all__ = ["TASKS", "GLOBAL", "PROPOSED", "evaluate", "load_model", "find_checkpoint",
+           "split_settings", "model_image_size", "model_tokenizer"]

@@ -1,89 +1,39 @@
-"""RegionMedCLIP: image tower + text tower + ROI processor, CLIP-style projections.
+"""RegionMedCLIP: image tower + text tower + RoI processor + region proposer, CLIP projections.
 
 Embeddings live in one ``embed_dim`` space: the global image embedding, the region-aware image
 embedding, each region's embedding (all through ``image_proj``), and text embeddings (through
 ``text_proj``). The losses live in the trainer (``regionmed_fast.ops.chunked_clip_loss``).
-Weights are saved as safetensors with a JSON config: no pickle anywhere.
+Persistence is in ``persistence.py`` (safetensors + JSON, no pickle), the frozen-text cache in
+``text_cache.py``, the annotation-free region proposer in ``proposer.py``.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import os
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .roi_processor import ROIConfig, ROIProcessor, boxes_to_rois
-from .text import TextConfig, TextEncoder, Tokenizer
-from .vit import VisionConfig, build_vision
+from . import persistence
+from .config import RegionMedConfig
+from .proposer import ProposerConfig, patch_saliency, propose_from_saliency
+from .roi_processor import RoIProcessor, boxes_to_rois
+from .text import Tokenizer, TextEncoder
+from .text_cache import TextFeatureCache
+from .vit import build_vision
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-FORMAT = "regionmed-fast/RegionMedCLIP"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class RegionMedConfig:
-    """Everything that shapes a RegionMedCLIP. ``use_roi=False`` is the global-only baseline
-    (no ROI processor: same towers, same projections)."""
-    name: str = "regionmed-tiny"
-    embed_dim: int = 256
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    roi: ROIConfig = field(default_factory=ROIConfig)
-    use_roi: bool = True
-    init_logit_scale: float = math.log(1 / 0.07)
-    init_logit_bias: float | None = None  # a float adds a learnable bias (SigLIP uses -10)
-    max_logit_scale: float = 100.0
-    # The input size the weights were last trained at (the trainer sets it from the last
-    # stage); evaluation resizes images to it. None: the vision config's image_size.
-    trained_image_size: int | None = None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "RegionMedConfig":
-        """Build from a (possibly partial) dict; unknown keys are an error naming them."""
-        nested = {"vision": VisionConfig, "text": TextConfig, "roi": ROIConfig}
-        _check_keys(d, cls, where)
-        kw = {}
-        for k, v in d.items():
-            if k in nested:
-                if isinstance(v, nested[k]):
-                    kw[k] = v
-                    continue
-                if not isinstance(v, dict):
-                    raise ValueError(f"{where}.{k} must be a dict, got {type(v).__name__}")
-                _check_keys(v, nested[k], f"{where}.{k}")
-                kw[k] = nested[k](**v)
-            else:
-                kw[k] = v
-        return cls(**kw)
+AUTO = "auto"
 
 
-def _check_keys(d: dict, cls, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(known)})")
-
-
-def _config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _config_diff(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(f"{prefix}{k}: {va!r} (checkpoint) vs {vb!r} (model)")
-    return out
+class ImageFeatures(NamedTuple):
+    """The image tower's output for one batch, reusable by every ``encode_*`` call:
+    ``pooled`` [B, C], ``grid`` [B, h, w, C] (tower width, not projected), ``image_hw`` the
+    pixel size (H, W) of the images."""
+    pooled: torch.Tensor
+    grid: torch.Tensor
+    image_hw: tuple[int, int]
 
 
 class RegionMedCLIP(nn.Module):
@@ -104,13 +54,20 @@ class RegionMedCLIP(nn.Module):
         self.text_proj = nn.Linear(self.text.width, config.embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=vw ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=self.text.width ** -0.5)
-        self.roi = (ROIProcessor(vw, config.roi, patch_size=getattr(self.visual, "patch_size", 16))
+        self.roi = (RoIProcessor(vw, config.roi, patch_size=self.patch_size)
                     if config.use_roi else None)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = (nn.Parameter(torch.tensor(float(config.init_logit_bias)))
                            if config.init_logit_bias is not None else None)
         self._tokenizer: Tokenizer | None = None
+        self._text_cache: TextFeatureCache | None = None
         self.enable_text_cache(config.text.cache_when_frozen)
+        #: metadata saved with the weights (``from_pretrained`` fills it; see persistence.py)
+        self.pretrained_metadata: dict = {}
+
+    @property
+    def patch_size(self) -> int:
+        return int(getattr(self.visual, "patch_size", 16))
 
     # ------------------------------------------------------------------ encoders
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -124,39 +81,81 @@ class RegionMedCLIP(nn.Module):
             self._tokenizer = Tokenizer(self.config.text.name, self.config.text.context_length)
         return self._tokenizer(texts)
 
-    def _towers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_features(self, images: torch.Tensor) -> ImageFeatures:
+        """images float [B, 3, H, W] (normalised) -> :class:`ImageFeatures` (one tower pass
+        that ``encode_image`` / ``encode_regions`` / ``propose_boxes`` can share)."""
         if not torch.is_floating_point(images):
             raise TypeError(f"images must be a float tensor (normalised), got {images.dtype}")
-        return self.visual(images)
+        pooled, grid = self.visual(images)
+        return ImageFeatures(pooled, grid, (int(images.shape[-2]), int(images.shape[-1])))
 
-    def _regions(self, images, pooled, grid, boxes, box_counts):
-        rois = boxes_to_rois(boxes, images.shape[0], box_counts, device=images.device)
-        tokens, fused = self.roi(grid, pooled, rois, tuple(images.shape[-2:]))
+    def _features(self, images: torch.Tensor | ImageFeatures) -> ImageFeatures:
+        return images if isinstance(images, ImageFeatures) else self.image_features(images)
+
+    def patch_embeddings(self, images: torch.Tensor | ImageFeatures) -> torch.Tensor:
+        """L2-normalised patch embeddings in the joint space, float32 [B, h, w, D]."""
+        return F.normalize(self.image_proj(self._features(images).grid).float(), dim=-1)
+
+    def propose_boxes(self, images: torch.Tensor | ImageFeatures, *,
+                      text_emb: torch.Tensor | None = None, **overrides: Any
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Region proposals that need no annotation (``proposer.py``; docs/model.md).
+
+        ``overrides``: any :class:`ProposerConfig` field (``num_boxes``, ``min_size``,
+        ``max_fraction``, ``iou_threshold``, ``source``) over ``config.proposer``;
+        ``text_emb`` [T, D]: the texts of ``source="text"``. Returns ``(boxes float32
+        [B, K, 4] pixels of the images, counts int64 [B])``, K = ``num_boxes``.
+        """
+        feats = self._features(images)
+        cfg = dataclasses.replace(self.config.proposer, **overrides) if overrides \
+            else self.config.proposer
+        with torch.no_grad():  # a selection: no gradient flows through the choice of boxes
+            patches = F.normalize(self.image_proj(feats.grid).float(), dim=-1)
+            glob = F.normalize(self.image_proj(feats.pooled).float(), dim=-1)
+            sal = patch_saliency(patches, glob, cfg.source, text_emb)
+            return propose_from_saliency(sal, feats.image_hw, cfg, patch_size=self.patch_size)
+
+    def _regions(self, feats: ImageFeatures, boxes: Any, box_counts: torch.Tensor | None,
+                 proposer: dict | None):
+        if isinstance(boxes, str):
+            if boxes != AUTO:
+                raise ValueError(f"boxes must be a tensor, a list of tensors or {AUTO!r}, "
+                                 f"got {boxes!r}")
+            boxes, box_counts = self.propose_boxes(feats, **(proposer or {}))
+        B = feats.pooled.shape[0]
+        rois = boxes_to_rois(boxes, B, box_counts, device=feats.pooled.device)
+        tokens, fused = self.roi(feats.grid, feats.pooled, rois, feats.image_hw)
         return tokens, fused, rois[:, 0].long()
 
-    def encode_image(self, images: torch.Tensor, boxes: Any = None, normalize: bool = True, *,
-                     box_counts: torch.Tensor | None = None) -> torch.Tensor:
-        """images float [B, 3, H, W] (normalised) -> [B, D].
+    def encode_image(self, images: torch.Tensor | ImageFeatures, boxes: Any = None,
+                     normalize: bool = True, *, box_counts: torch.Tensor | None = None,
+                     proposer: dict | None = None) -> torch.Tensor:
+        """images float [B, 3, H, W] (normalised) or their :class:`ImageFeatures` -> [B, D].
 
-        With ``boxes`` (pixels of ``images``: a list of ``[K_i, 4]``, a padded ``[B, Kmax, 4]``
-        with ``box_counts`` ``[B]``, or ``[K, 5]`` rois) and an ROI processor, the embedding is
-        region-aware; images with no boxes get their global embedding.
+        ``boxes=None``: the global embedding. ``boxes="auto"``: region-aware, with boxes from
+        :meth:`propose_boxes` (``proposer``: a dict of its overrides). Given boxes (pixels of
+        ``images``: a list of ``[K_i, 4]``, a padded ``[B, Kmax, 4]`` with ``box_counts``
+        ``[B]``, or ``[K, 5]`` rois): region-aware; an image with no boxes gets its global
+        embedding. Without an RoI processor (``use_roi=False``) boxes are ignored.
         """
-        pooled, grid = self._towers(images)
+        feats = self._features(images)
+        pooled = feats.pooled
         if boxes is not None and self.roi is not None:
-            _, pooled, _ = self._regions(images, pooled, grid, boxes, box_counts)
+            _, pooled, _ = self._regions(feats, boxes, box_counts, proposer)
         x = self.image_proj(pooled)
         return F.normalize(x, dim=-1) if normalize else x
 
-    def encode_regions(self, images: torch.Tensor, boxes: Any, normalize: bool = True, *,
-                       box_counts: torch.Tensor | None = None
+    def encode_regions(self, images: torch.Tensor | ImageFeatures, boxes: Any,
+                       normalize: bool = True, *, box_counts: torch.Tensor | None = None,
+                       proposer: dict | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> (global [B, D], region-aware [B, D], regions [K, D], region_batch long [K])."""
+        """-> (global [B, D], region-aware [B, D], regions [K, D], region_batch long [K]);
+        ``boxes`` as in :meth:`encode_image` (``"auto"`` included)."""
         if self.roi is None:
-            raise RuntimeError("this model has no ROI processor (config.use_roi=False)")
-        pooled, grid = self._towers(images)
-        tokens, fused, rb = self._regions(images, pooled, grid, boxes, box_counts)
-        outs = [self.image_proj(t) for t in (pooled, fused, tokens)]
+            raise RuntimeError("this model has no RoI processor (config.use_roi=False)")
+        feats = self._features(images)
+        tokens, fused, rb = self._regions(feats, boxes, box_counts, proposer)
+        outs = [self.image_proj(t) for t in (feats.pooled, fused, tokens)]
         if normalize:
             outs = [F.normalize(t, dim=-1) for t in outs]
         return outs[0], outs[1], outs[2], rb
@@ -164,14 +163,8 @@ class RegionMedCLIP(nn.Module):
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None,
                     normalize: bool = True) -> torch.Tensor:
         """ids int64 [T, L], mask int64 [T, L] (1 = token) -> [T, D]."""
-        if self._text_cache is not None and not any(p.requires_grad
-                                                    for p in self.text.parameters()):
-            # weights changed since the cache was filled (an unfrozen stage, a load): drop it
-            version = sum(p._version for p in self.text.parameters())
-            if version != self._text_cache_version:
-                self._text_cache.clear()
-                self._text_cache_version = version
-            feats = self._cached_text_features(ids, mask)
+        if self._text_cache is not None and TextFeatureCache.applies_to(self.text):
+            feats = self._text_cache.features(self.text, ids, mask).to(self.text_proj.weight.dtype)
         else:
             feats = self.text(ids, mask)
         x = self.text_proj(feats)
@@ -179,49 +172,17 @@ class RegionMedCLIP(nn.Module):
 
     def enable_text_cache(self, enable: bool = True, max_entries: int = 200_000) -> None:
         """Cache the text tower's pooled output per distinct text while the tower is frozen
-        (every ``text`` parameter has ``requires_grad=False``): a frozen tower maps a text to
-        one vector, so each text is encoded once per run (misses run with dropout off). The
-        trainable ``text_proj`` is applied after the cache. It is emptied whenever the text
-        weights change (in-place updates or loads) and when disabled. On by default
-        (``config.text.cache_when_frozen``): it only acts while the tower is frozen."""
-        self._text_cache = {} if enable else None
-        self._text_cache_max = max_entries
-        self._text_cache_version = -1
+        (``text_cache.py``): each text is encoded once per run; ``text_proj`` still trains.
+        On by default (``config.text.cache_when_frozen``); it acts only while every ``text``
+        parameter has ``requires_grad=False``."""
+        self._text_cache = TextFeatureCache(max_entries) if enable else None
 
-    @torch.no_grad()
-    def _cached_text_features(self, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        mask = torch.ones_like(ids) if mask is None else mask
-        lengths = mask.sum(1).tolist()
-        rows = ids.cpu().numpy()
-        keys = [rows[i, :n].tobytes() for i, n in enumerate(lengths)]
-        first: dict[bytes, int] = {}
-        for i, k in enumerate(keys):
-            if k not in self._text_cache:
-                first.setdefault(k, i)  # duplicates in a batch are encoded once
-        fresh: dict[bytes, torch.Tensor] = {}
-        if first:
-            miss = list(first.values())
-            was = self.text.training
-            self.text.eval()
-            try:
-                L = max(lengths[i] for i in miss)
-                sel = torch.tensor(miss, device=ids.device)
-                new = self.text(ids[sel, :L], mask[sel, :L]).float()
-            finally:
-                self.text.train(was)
-            fresh = dict(zip(first, new))
-            if len(self._text_cache) < self._text_cache_max:
-                self._text_cache.update(fresh)
-        dtype = self.text_proj.weight.dtype
-        # .to(device): the cache may predate a model.to(...) move
-        return torch.stack([fresh[k] if k in fresh else self._text_cache[k].to(ids.device)
-                            for k in keys]).to(dtype)
-
-    def patch_text_similarity(self, images: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Cosine similarity of every patch with a text: images [B, 3, H, W], text_emb [B, D]
-        (one text per image) or [D] / [1, D] (one for all) -> [B, h, w] float32."""
-        _, grid = self._towers(images)
-        patches = F.normalize(self.image_proj(grid).float(), dim=-1)
+    def patch_text_similarity(self, images: torch.Tensor | ImageFeatures,
+                              text_emb: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of every patch with a text: images [B, 3, H, W] (or their
+        features), text_emb [B, D] (one text per image) or [D] / [1, D] (one for all) ->
+        [B, h, w] float32."""
+        patches = self.patch_embeddings(images)
         t = F.normalize(text_emb.float(), dim=-1)
         if t.ndim == 1:
             t = t[None]
@@ -246,24 +207,25 @@ class RegionMedCLIP(nn.Module):
         return ids.to(dev), mask.to(dev)
 
     def forward(self, batch: dict) -> dict:
-        """``batch`` as INTERFACES.md (images, boxes, box_counts, text_ids/text_mask,
+        """``batch`` in the data layer's batch format (docs/design.md: images, boxes, box_counts, text_ids/text_mask,
         region_text_ids/region_text_mask; raw texts are tokenised when ids are absent).
 
         Returns ``image_global`` [B, D], ``image_fused`` [B, D] or None, ``region`` [K, D] or
         None, ``region_batch`` long [K], ``text`` [B, D], ``region_text`` [K, D] or None,
         ``logit_scale`` (exp'ed, clamped to ``max_logit_scale``), ``logit_bias`` or None. The
-        region entries are None without an ROI processor or without ``boxes`` in the batch;
+        region entries are None without an RoI processor or without ``boxes`` in the batch;
         with boxes but K = 0 they are empty ``[0, D]`` tensors.
         """
         images = batch["images"]
-        pooled, grid = self._towers(images)
+        feats = self.image_features(images)
+        pooled = feats.pooled
         out: dict[str, Any] = {"image_fused": None, "region": None, "region_text": None,
                                "region_batch": torch.zeros(0, dtype=torch.long,
                                                            device=images.device)}
         use_regions = self.roi is not None and batch.get("boxes") is not None
         if use_regions:
-            tokens, fused, rb = self._regions(images, pooled, grid, batch["boxes"],
-                                              batch.get("box_counts"))
+            tokens, fused, rb = self._regions(feats, batch["boxes"], batch.get("box_counts"),
+                                              None)
             out["image_fused"] = F.normalize(self.image_proj(fused), dim=-1)
             out["region"] = F.normalize(self.image_proj(tokens), dim=-1)
             out["region_batch"] = rb
@@ -287,40 +249,15 @@ class RegionMedCLIP(nn.Module):
         return out
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | os.PathLike) -> str:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (each atomically:
-        temp file + rename). Returns the directory."""
-        from safetensors.torch import save_file
-        d = os.fspath(directory)
-        os.makedirs(d, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = os.path.join(d, WEIGHTS_FILE + ".tmp")
-        save_file(state, tmp, metadata={"format": FORMAT})
-        os.replace(tmp, os.path.join(d, WEIGHTS_FILE))
-        tmp = os.path.join(d, CONFIG_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump({"format": FORMAT, "version": FORMAT_VERSION,
-                       "config": self.config.to_dict()}, f, indent=2)
-        os.replace(tmp, os.path.join(d, CONFIG_FILE))
-        return d
+    def save_pretrained(self, directory: str | os.PathLike, metadata: dict | None = None) -> str:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (atomically);
+        ``metadata``: JSON-able dict saved with them (see ``persistence.py``)."""
+        return persistence.save_pretrained(self, directory, metadata)
 
     @staticmethod
     def read_config(directory: str | os.PathLike) -> RegionMedConfig:
         """The config saved in ``directory/config.json``."""
-        path = os.path.join(os.fspath(directory), CONFIG_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: not a RegionMedCLIP save_pretrained folder")
-        with open(path) as f:
-            try:
-                blob = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
-        if blob.get("format") != FORMAT or "config" not in blob:
-            raise ValueError(f"{path}: not a RegionMedCLIP config (format {blob.get('format')!r})")
-        if blob.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {blob['version']} is newer than this "
-                             f"library's {FORMAT_VERSION}")
-        return RegionMedConfig.from_dict(blob["config"], where=path)
+        return persistence.read_config(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike,
@@ -328,48 +265,21 @@ class RegionMedCLIP(nn.Module):
                         map_location: str | torch.device = "cpu") -> "RegionMedCLIP":
         """Load a ``save_pretrained`` folder. ``config`` builds another architecture and loads
         the weights into it: any key or shape that does not fit is an error naming the keys
-        and the config fields that differ."""
-        ckpt_cfg = cls.read_config(directory)
+        and the config fields that differ. ``model.pretrained_metadata`` holds the folder's
+        metadata."""
+        ckpt_cfg = persistence.read_config(directory)
         model = cls(config or ckpt_cfg, load_text_weights=False)
-        model.load_pretrained_weights(directory, map_location=map_location, _ckpt_cfg=ckpt_cfg)
+        persistence.load_weights(model, directory, map_location, source_config=ckpt_cfg)
+        model.pretrained_metadata = persistence.read_metadata(directory)
         return model
 
     def load_pretrained_weights(self, directory: str | os.PathLike,
-                                map_location: str | torch.device = "cpu",
-                                _ckpt_cfg: RegionMedConfig | None = None) -> None:
-        """Load ``directory/model.safetensors`` into this model, strictly (see
-        :meth:`load_state_dict_checked`)."""
-        from safetensors.torch import load_file
-        path = os.path.join(os.fspath(directory), WEIGHTS_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found")
-        ckpt_cfg = _ckpt_cfg or self.read_config(directory)
-        state = load_file(path, device=str(map_location))
-        self.load_state_dict_checked(state, source=path, source_config=ckpt_cfg)
+                                map_location: str | torch.device = "cpu") -> None:
+        """Load ``directory/model.safetensors`` into this model, strictly."""
+        persistence.load_weights(self, directory, map_location)
 
     def load_state_dict_checked(self, state: dict[str, torch.Tensor], source: str = "state dict",
                                 source_config: RegionMedConfig | None = None) -> None:
         """``load_state_dict(strict=True)`` with one clear error listing missing, unexpected
         and shape-mismatched keys (and the config fields that differ, when known)."""
-        own = self.state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        shapes = [f"{k}: {tuple(state[k].shape)} (checkpoint) vs {tuple(own[k].shape)} (model)"
-                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
-        if missing or unexpected or shapes:
-            def show(items):
-                return ", ".join(items[:8]) + (f" ... ({len(items)} in all)" if len(items) > 8
-                                               else "")
-            parts = [f"checkpoint {source} does not fit this {self.config.name} model"]
-            if source_config is not None:
-                diff = _config_diff(source_config.to_dict(), self.config.to_dict())
-                if diff:
-                    parts.append("config differs: " + show(diff))
-            if missing:
-                parts.append("missing keys: " + show(missing))
-            if unexpected:
-                parts.append("unexpected keys: " + show(unexpected))
-            if shapes:
-                parts.append("shape mismatches: " + show(shapes))
-            raise ValueError("; ".join(parts))
-        self.load_state_dict(state, strict=True)
+        persistence.load_state_dict_checked(self, state, source, source_config)

@@ -10,9 +10,15 @@ import copy
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
-from .clip import CONFIG_FILE, RegionMedCLIP, RegionMedConfig
+from regionmed_fast.data.transforms import (CLIP_MEAN, CLIP_STD, CropParams, crop_resize_flip,
+                                            normalize_uint8_batch)
+
+from .clip import RegionMedCLIP
+from .config import RegionMedConfig
+from .persistence import CONFIG_FILE
 from .text import TINY, Tokenizer
 
 _CONFIGS: dict[str, dict] = {
@@ -29,9 +35,7 @@ _CONFIGS: dict[str, dict] = {
         "roi": {"heads": 12},
     },
 }
-_SECTIONS = ("vision", "text", "roi")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_SECTIONS = ("vision", "text", "roi", "proposer")
 
 
 def list_models() -> list[str]:
@@ -79,22 +83,40 @@ def model_config(name: str, **overrides: Any) -> RegionMedConfig:
     return RegionMedConfig.from_dict(base, where=f"model {name!r} overrides")
 
 
-class _ToRGB:
-    def __call__(self, img):
-        return img.convert("RGB") if hasattr(img, "convert") else img
+class ImageTransform:
+    """PIL image (or uint8 [H, W, 3] array) -> normalised float32 [3, S, S].
+
+    The whole image resized to ``S x S`` with the data layer's eval path
+    (``regionmed_fast.data.transforms.crop_resize_flip``, antialiased bilinear) and CLIP
+    mean/std, so ``preprocess(image)`` equals what evaluation feeds the model. No flips or crops:
+    left/right is in the texts and boxes must stay valid (box-aware augmentation is in
+    ``regionmed_fast.data.transforms``). ``train=True`` adds a mild brightness/contrast jitter
+    (factors uniform in [0.9, 1.1], drawn from torch's global generator)."""
+
+    def __init__(self, image_size: int, train: bool = False) -> None:
+        self.image_size, self.train = int(image_size), train
+
+    def __call__(self, img) -> torch.Tensor:
+        if hasattr(img, "convert"):
+            img = img.convert("RGB")
+        arr = np.asarray(img)
+        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+            raise ValueError(f"image must be a PIL image or uint8 [H, W, 3], got "
+                             f"{arr.dtype} {arr.shape}")
+        h, w = arr.shape[:2]
+        pix = crop_resize_flip(arr, CropParams(0, 0, w, h, False), self.image_size)
+        x = torch.from_numpy(np.ascontiguousarray(pix))[None]
+        if self.train:
+            b, c = (0.9 + 0.2 * torch.rand(2)).tolist()
+            xf = x.float() * b
+            xf = (xf - xf.mean()) * c + xf.mean()
+            x = xf.round().clamp(0, 255).to(torch.uint8)
+        return normalize_uint8_batch(x)[0]
 
 
-def image_transform(image_size: int, train: bool):
-    """PIL image -> normalised float [3, S, S]. No flips or crops: left/right is in the texts
-    and boxes must stay valid (box-aware augmentation is in ``regionmed_fast.data.transforms``).
-    Training adds a mild brightness/contrast jitter."""
-    from torchvision import transforms as T
-    steps = [_ToRGB(), T.Resize((image_size, image_size),
-                                interpolation=T.InterpolationMode.BICUBIC)]
-    if train:
-        steps.append(T.ColorJitter(brightness=0.1, contrast=0.1))
-    steps += [T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)]
-    return T.Compose(steps)
+def image_transform(image_size: int, train: bool) -> ImageTransform:
+    """The OpenCLIP-style preprocess callable (see :class:`ImageTransform`)."""
+    return ImageTransform(image_size, train)
 
 
 def create_model(name: str = "regionmed-tiny", pretrained: str | None = None,
@@ -114,7 +136,7 @@ def create_model_and_transforms(name: str = "regionmed-tiny", pretrained: str | 
                                 device: str | torch.device | None = None, **overrides: Any):
     """-> ``(model, train_transform, eval_transform)`` as in OpenCLIP."""
     model = create_model(name, pretrained=pretrained, device=device, **overrides)
-    size = model.config.vision.image_size
+    size = model.config.eval_image_size
     return model, image_transform(size, True), image_transform(size, False)
 
 

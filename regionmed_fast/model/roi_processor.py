@@ -1,27 +1,33 @@
-"""The ROI processor: region tokens from the patch grid, and a region-aware image token.
+"""The RoI processor: region tokens from the patch grid, and a region-aware image token.
 
 For each box: ``roi_pool_fuse`` on the NHWC patch grid (RoIAlign mean over S x S bins, gated
-blend with its image's global token; DESIGN.md 3.2), plus a learned embedding of the box
+blend with its image's global token; docs/design.md), plus a learned embedding of the box
 geometry -> a region token. Then the image's global token attends (SDPA) over itself and its
 region tokens -> the region-aware image token. Images with no boxes get their global token back
 unchanged (the global path), and every parameter still takes part in the graph (DDP-safe).
+
+Boxes are checked once, by the public op (``regionmed_fast.ops.roi_pool_fuse``: NaN/inf,
+reversed corners, batch indices). The model only converts them, with two conversions that are
+model semantics (docs/model.md): boxes are clamped to the image, and boxes smaller than
+``RoIConfig.min_box`` are grown about their centre before pooling.
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regionmed_fast.ops import roi_pool_fuse
+
 
 @dataclass
-class ROIConfig:
-    """``min_box``: boxes smaller than this many pixels per side are grown (about their centre)
-    to it before pooling, so a 3-pixel lesion pools the patch it lies in rather than a blur of a
-    quarter patch; ``None`` means the patch size, ``0`` turns it off. The geometry embedding
-    always sees the true box."""
+class RoIConfig:
+    """RoI processor settings. ``min_box``: boxes smaller than this many pixels per side are
+    grown (about their centre) to it before pooling, so a 3-pixel lesion pools the patch it
+    lies in rather than a blur of a quarter patch; ``None`` means the patch size, ``0`` turns
+    it off. The geometry embedding always sees the true (clamped) box."""
     output_size: int = 2
     sampling_ratio: int = 2
     aligned: bool = True
@@ -37,21 +43,11 @@ def roi_pool_fuse_nhwc(features: torch.Tensor, rois: torch.Tensor, global_feat: 
                        aligned: bool, backend: str = "auto") -> torch.Tensor:
     """``regionmed_fast.ops.roi_pool_fuse`` on an NHWC grid ``[B, h, w, C]`` with ``rois``
     ``[K, 5]`` -> fused region features ``[K, C]``."""
-    from regionmed_fast.ops import roi_pool_fuse
     dt = features.dtype  # the kernels take one dtype for the map, the global token and the gate
     return roi_pool_fuse(features, rois, global_feat.to(dt), gate_weight.to(dt), gate_bias.to(dt),
                          spatial_scale=spatial_scale, output_size=output_size,
                          sampling_ratio=sampling_ratio, aligned=aligned, layout="nhwc",
                          backend=backend)
-
-
-_warned: set[str] = set()
-
-
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
-        warnings.warn(msg, stacklevel=3)
 
 
 def boxes_to_rois(boxes, batch_size: int, box_counts: torch.Tensor | None = None,
@@ -60,7 +56,9 @@ def boxes_to_rois(boxes, batch_size: int, box_counts: torch.Tensor | None = None
     x2, y2), image-major.
 
     ``boxes``: a list of ``[K_i, 4]`` tensors (one per image); a padded ``[B, Kmax, 4]`` tensor
-    with ``box_counts`` ``[B]`` (``None``: every row is a box); or ``[K, 5]`` rois.
+    with ``box_counts`` ``[B]`` (``None``: every row is a box); or ``[K, 5]`` rois (any order:
+    sorted by batch index here, stably). Only the layout is checked here; the coordinates and
+    batch indices are checked once, by ``regionmed_fast.ops.roi_pool_fuse``.
     """
     if isinstance(boxes, (list, tuple)):
         if len(boxes) != batch_size:
@@ -76,11 +74,7 @@ def boxes_to_rois(boxes, batch_size: int, box_counts: torch.Tensor | None = None
         return torch.cat(parts) if parts else torch.zeros(0, 5, device=device)
     boxes = torch.as_tensor(boxes, device=device).float()
     if boxes.ndim == 2 and boxes.shape[1] == 5:
-        idx = boxes[:, 0]
-        if boxes.numel() and (idx.min() < 0 or idx.max() >= batch_size or
-                              (idx != idx.round()).any()):
-            raise ValueError(f"rois batch indices must be integers in [0, {batch_size})")
-        return boxes[torch.argsort(idx, stable=True)]
+        return boxes[torch.argsort(boxes[:, 0], stable=True)]
     if boxes.ndim != 3 or boxes.shape[2] != 4 or boxes.shape[0] != batch_size:
         raise ValueError(f"boxes must be [B={batch_size}, Kmax, 4], [K, 5] or a list, got "
                          f"{tuple(boxes.shape)}")
@@ -89,39 +83,38 @@ def boxes_to_rois(boxes, batch_size: int, box_counts: torch.Tensor | None = None
         valid = torch.ones(batch_size, kmax, dtype=torch.bool, device=boxes.device)
     else:
         counts = torch.as_tensor(box_counts, device=boxes.device).long()
-        if counts.shape != (batch_size,) or (counts < 0).any() or (counts > kmax).any():
-            raise ValueError(f"box_counts must be [B={batch_size}] in [0, {kmax}], got "
-                             f"{counts.tolist()}")
+        if counts.shape != (batch_size,):
+            raise ValueError(f"box_counts must be [B={batch_size}], got {tuple(counts.shape)}")
+        # the batch format's counts, not box coordinates: a count past Kmax would silently
+        # read padding as boxes
+        if counts.numel() and bool((counts.min() < 0) | (counts.max() > kmax)):
+            raise ValueError(f"box_counts must lie in [0, {kmax}], got {counts.tolist()}")
         valid = torch.arange(kmax, device=boxes.device)[None] < counts[:, None]
     bidx = torch.arange(batch_size, device=boxes.device, dtype=torch.float32)
     bidx = bidx[:, None, None].expand(batch_size, kmax, 1)
     return torch.cat([bidx, boxes], 2)[valid]
 
 
-def sanitize_rois(rois: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Boxes with NaN are an error; reversed corners are swapped and boxes are clipped to the
-    image, each said once."""
-    if torch.isnan(rois).any() or torch.isinf(rois).any():
-        bad = torch.nonzero(~torch.isfinite(rois).all(1)).flatten()[:5].tolist()
-        raise ValueError(f"boxes contain NaN/inf (flat region indices {bad})")
-    x1, x2 = torch.minimum(rois[:, 1], rois[:, 3]), torch.maximum(rois[:, 1], rois[:, 3])
-    y1, y2 = torch.minimum(rois[:, 2], rois[:, 4]), torch.maximum(rois[:, 2], rois[:, 4])
-    if bool((x1 != rois[:, 1]).any() or (y1 != rois[:, 2]).any()):
-        _warn_once("some boxes have x2 < x1 or y2 < y1: corners swapped")
-    out = torch.stack([rois[:, 0], x1.clamp(0, width), y1.clamp(0, height),
-                       x2.clamp(0, width), y2.clamp(0, height)], 1)
-    if not torch.equal(out, torch.stack([rois[:, 0], x1, y1, x2, y2], 1)):
-        _warn_once(f"some boxes lie partly outside the {width}x{height} image: clipped")
-    return out
+def clamp_rois(rois: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boxes clamped to the ``width x height`` image: a box partly outside pools the part
+    inside (a defined result, no warning). Reversed or NaN boxes pass through unchanged, for
+    the op to reject."""
+    lo = rois.new_tensor([-float("inf"), 0, 0, 0, 0])  # the batch index column is left alone
+    hi = rois.new_tensor([float("inf"), width, height, width, height])
+    clamped = torch.minimum(torch.maximum(rois, lo), hi)
+    reversed_ = (rois[:, 3] < rois[:, 1]) | (rois[:, 4] < rois[:, 2])
+    return torch.where(reversed_[:, None], rois, clamped)
 
 
 def grow_rois(rois: torch.Tensor, min_size: float, height: int, width: int) -> torch.Tensor:
-    """Grow boxes to at least ``min_size`` pixels per side about their centre (kept inside)."""
+    """Grow boxes to at least ``min_size`` pixels per side about their centre (kept inside).
+    Reversed boxes (x2 < x1 or y2 < y1) are left as they are, for the op to reject."""
     if min_size <= 0 or rois.numel() == 0:
         return rois
     out = rois.clone()
     for lo, hi, limit in ((1, 3, width), (2, 4, height)):
-        size = (rois[:, hi] - rois[:, lo]).clamp_min(min_size).clamp_max(float(limit))
+        extent = rois[:, hi] - rois[:, lo]
+        size = torch.where(extent < 0, extent, extent.clamp_min(min_size).clamp_max(float(limit)))
         c = (rois[:, hi] + rois[:, lo]) / 2
         start = (c - size / 2).clamp(0, None)
         start = torch.minimum(start, limit - size)
@@ -171,7 +164,7 @@ class RegionAttention(nn.Module):
         return x + self.mlp(self.norm_mlp(x))
 
 
-class ROIProcessor(nn.Module):
+class RoIProcessor(nn.Module):
     """``forward(grid [B, h, w, C], pooled [B, C], rois [K, 5], image_hw)`` ->
     ``(region tokens [K, C], region-aware image tokens [B, C])``.
 
@@ -179,7 +172,7 @@ class ROIProcessor(nn.Module):
     geometry MLP and the attention block. ``rois`` are in pixels of the input images.
     """
 
-    def __init__(self, width: int, config: ROIConfig, patch_size: int = 16) -> None:
+    def __init__(self, width: int, config: RoIConfig, patch_size: int = 16) -> None:
         super().__init__()
         self.config = config
         self.width = width
@@ -196,7 +189,7 @@ class ROIProcessor(nn.Module):
         B, h, w, C = grid.shape
         H, W = image_hw
         c = self.config
-        rois = sanitize_rois(rois.float(), H, W)
+        rois = clamp_rois(rois.float(), H, W)
         pool_rois = grow_rois(rois, self.min_box, H, W)
         z = roi_pool_fuse_nhwc(grid.contiguous(), pool_rois, pooled, self.gate_weight,
                                self.gate_bias, spatial_scale=h / H, output_size=c.output_size,

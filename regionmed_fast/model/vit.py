@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from regionmed_fast.errors import MissingDependency
+
 
 @dataclass
 class VisionConfig:
@@ -179,9 +181,11 @@ class TimmBackbone(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         try:
-            import timm
-        except ImportError as e:  # pragma: no cover - timm is an optional extra
-            raise ImportError(f"vision.timm={config.timm!r} needs timm (pip install timm)") from e
+            import timm  # optional: only timm backbones need it
+        except ImportError:
+            raise MissingDependency(f"vision.timm={config.timm!r} needs the package 'timm', "
+                                    "which is not installed; install it with: pip install timm"
+                                    ) from None
         self.config = config
         kwargs = {"pretrained": False, "num_classes": 0, **config.timm_kwargs}
         if "vit" in config.timm or "deit" in config.timm or "eva" in config.timm:

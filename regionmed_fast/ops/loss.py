@@ -161,6 +161,39 @@ def _pos_cols(spec: _Spec, a: torch.Tensor, b: torch.Tensor | None, x: torch.Ten
     return out
 
 
+# An engine sees only non-empty row blocks: under a group a rank's shard may have no rows, and
+# it still takes part in every collective with these neutral partial results.
+
+def _softmax_stats(eng, x, yg, scale, gi, gt, beta, tile):
+    if x.shape[0] == 0:
+        k = 3 if beta > 0 else 1
+        cd = loss_cpu.compute_dtype(x.dtype)
+        return (x.new_empty((k, 0), dtype=cd),
+                torch.full((k, yg.shape[0]), float("-inf"), dtype=cd, device=x.device))
+    return eng.softmax_stats(x, yg, scale, gi, gt, beta, tile)
+
+
+def _softmax_grads(eng, x, yg, scale, gi, gt, beta, row_shift, col_shift, tile):
+    if x.shape[0] == 0:
+        cd = loss_cpu.compute_dtype(x.dtype)
+        return x.new_zeros(x.shape, dtype=cd), yg.new_zeros(yg.shape, dtype=cd)
+    return eng.softmax_grads(x, yg, scale, gi, gt, beta, row_shift, col_shift, tile)
+
+
+def _sigmoid_sum(eng, x, yg, scale, bias, tile):
+    if x.shape[0] == 0:
+        return x.new_zeros((), dtype=loss_cpu.compute_dtype(x.dtype))
+    return eng.sigmoid_sum(x, yg, scale, bias, tile)
+
+
+def _sigmoid_grads(eng, x, yg, scale, bias, coef, tile):
+    if x.shape[0] == 0:
+        cd = loss_cpu.compute_dtype(x.dtype)
+        return (x.new_zeros(x.shape, dtype=cd), yg.new_zeros(yg.shape, dtype=cd),
+                x.new_zeros((), dtype=cd))
+    return eng.sigmoid_grads(x, yg, scale, bias, coef, tile)
+
+
 def _threading(spec: _Spec):
     # cpu backend: parallel over tiles only (see loss_cpu.threads_as_workers)
     return loss_cpu.threads_as_workers() if spec.engine is loss_cpu else contextlib.nullcontext()
@@ -202,8 +235,8 @@ class _ClipLossFn(torch.autograd.Function):
             q_all = cnt_i[spec.gt_all]
             v_all = (q_all > 0).to(cd) * (0.5 / mv)
             hard = spec.beta > 0
-            rows, cols = eng.softmax_stats(x, yg, scale, spec.gi if hard else None,
-                                           spec.gt_all if hard else None, spec.beta, spec.tile)
+            rows, cols = _softmax_stats(eng, x, yg, scale, spec.gi if hard else None,
+                                        spec.gt_all if hard else None, spec.beta, spec.tile)
             rows, cols = rows.to(cd), comm.lse(cols.to(cd))
             nneg_r, nneg_c = m_all - p_loc, n_all - q_all
             logd_r, logt_r = _log_d(rows, nneg_r)
@@ -219,7 +252,7 @@ class _ClipLossFn(torch.autograd.Function):
             inv_n = 1.0 / n_all
             a, b = torch.full_like(p_loc, inv_n, dtype=cd), None
             npos = float(cnt_t[spec.gi_all].sum())
-            pair = comm.sum(eng.sigmoid_sum(x, yg, scale, bias, spec.tile).to(cd))
+            pair = comm.sum(_sigmoid_sum(eng, x, yg, scale, bias, spec.tile).to(cd))
             loss = pair * inv_n - scale_c * comm.sum(_dot(x, _pos_rows(spec, a, b, y))) \
                 - bias.to(cd) * (npos * inv_n)
             ctx.npos, ctx.inv_n = npos, inv_n
@@ -237,11 +270,12 @@ class _ClipLossFn(torch.autograd.Function):
         g = grad_out.to(cd)
         if spec.kind == "softmax":
             hard = spec.beta > 0
-            gx, gy = eng.softmax_grads(x, yg, scale, spec.gi if hard else None, spec.gt_all if hard else None,
-                                       spec.beta, ctx.shifts[0], ctx.shifts[1], spec.tile)
+            gx, gy = _softmax_grads(eng, x, yg, scale, spec.gi if hard else None,
+                                    spec.gt_all if hard else None, spec.beta, ctx.shifts[0],
+                                    ctx.shifts[1], spec.tile)
             gbias = torch.zeros((), dtype=cd, device=x.device)
         else:
-            gx, gy, gsum = eng.sigmoid_grads(x, yg, scale, bias, ctx.inv_n, spec.tile)
+            gx, gy, gsum = _sigmoid_grads(eng, x, yg, scale, bias, ctx.inv_n, spec.tile)
             gbias = g * (comm.sum(gsum.to(cd)) - ctx.npos * ctx.inv_n)
         # in place from here on: at large N these [N, D] buffers are most of the memory we use
         gx = gx.to(cd).sub_(_pos_rows(spec, ctx.a, ctx.b, y))
@@ -272,19 +306,22 @@ def _as_scalar(v, name: str, device: torch.device) -> torch.Tensor:
     return v
 
 
-def _check_emb(x, name: str) -> None:
+def _check_emb(x, name: str, distributed: bool) -> None:
     if not torch.is_tensor(x):
         raise TypeError(f"{_OP}: {name} must be a tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ValueError(f"{_OP}: {name} must be 2-D [batch, dim], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{_OP}: {name} must be float16/bfloat16/float32/float64, got {x.dtype}")
-    if x.shape[0] == 0 or x.shape[1] == 0:
+    # under a group a rank's shard may hold no rows (the global batch is checked in _group_ids)
+    if (x.shape[0] == 0 and not distributed) or x.shape[1] == 0:
         raise ValueError(f"{_OP}: {name} is empty (shape {tuple(x.shape)})")
 
 
 def _check_finite(x: torch.Tensor, name: str) -> None:
     # one reduction pass (NaN propagates through min/max); the mask only on failure
+    if x.numel() == 0:
+        return
     lo, hi = torch.aminmax(x)
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
         bad = ~torch.isfinite(x)
@@ -337,14 +374,17 @@ def chunked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_sca
             uses it as the rows of its backward buffer). ``None``: automatic.
         group: a ``torch.distributed`` process group; each rank passes its own shard (and its
             shard's ids) and gets the loss of the global batch with gradients for its shard.
+            A rank's shard may have zero rows (the others not all): that rank gets the same
+            global loss, empty gradients for its empty inputs and the full ``logit_scale``
+            gradient; an empty global batch raises on every rank.
         backend: ``"auto"``, ``"torch-tiled"`` (alias ``"cpu"``), ``"triton"`` or
             ``"reference"`` (full logits); see :data:`BACKENDS`.
 
     Returns:
         0-d float32 tensor (float64 for float64 inputs): the loss, identical on every rank.
     """
-    _check_emb(image_emb, "image_emb")
-    _check_emb(text_emb, "text_emb")
+    _check_emb(image_emb, "image_emb", group is not None)
+    _check_emb(text_emb, "text_emb", group is not None)
     if text_emb.device != image_emb.device:
         raise ValueError(f"{_OP}: text_emb is on {text_emb.device} but image_emb is on {image_emb.device}")
     if text_emb.dtype != image_emb.dtype:
@@ -396,13 +436,16 @@ def chunked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_sca
 
 def _group_ids(positives, n: int, m: int, comm, device: torch.device):
     """Compact group ids ``0..G-1`` for local and global images and texts."""
+    sizes = comm.gather(torch.tensor([[n, m]], device=device)).sum(0)
+    n_tot, m_tot = int(sizes[0]), int(sizes[1])
+    if n_tot == 0 or m_tot == 0:  # every rank sees the same totals, so every rank raises
+        raise ValueError(f"{_OP}: the global batch is empty (N={n_tot} images, M={m_tot} texts "
+                         "over all ranks)")
     if positives is None:
-        n_all = comm.gather(torch.tensor([n], device=device))
-        m_all = comm.gather(torch.tensor([m], device=device))
-        if int(n_all.sum()) != int(m_all.sum()):
+        if n_tot != m_tot:
             raise ValueError(f"{_OP}: positives=None pairs image i with text i and needs N == M, got "
-                             f"N={int(n_all.sum())}, M={int(m_all.sum())}; pass positives=(image_ids, text_ids)")
-        total = int(n_all.sum())
+                             f"N={n_tot}, M={m_tot}; pass positives=(image_ids, text_ids)")
+        total = n_tot
         off_i, off_t = comm.offset(n), comm.offset(m)
         ids = torch.arange(total, device=device)
         return ids[off_i: off_i + n], ids[off_t: off_t + m], ids, ids, total

@@ -1,0 +1,2 @@
+"""Applications built on the library (the library never imports them): ``demo`` (the
+``regionmed-fast demo`` command)."""
