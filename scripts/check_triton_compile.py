@@ -25,7 +25,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import roi as R  # noqa: E402
+from regionmed_fast.kernels import roi as R  # noqa: E402
 
 SCALARS = {"scale_hi": "fp32", "scale_lo": "fp32", "sampling_ratio": "i32", "aligned": "i32", "B": "i32", "C": "i32",
            "H": "i32", "W": "i32", "s_b": "i32", "s_c": "i32", "s_y": "i32", "s_x": "i32"}
