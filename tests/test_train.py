@@ -89,24 +89,53 @@ assert not [n for n in left if "gloo" in n], left
 """
 
 
-def test_ddp_two_gloo_processes_equal_single_process(tmp_path, synth):
+def _one_and_two_processes(tmp_path, run: dict, data: str) -> tuple[dict, dict]:
+    """The final checkpoints of ``run`` on ``data`` trained by 1 process and by 2 gloo ranks."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
-    cfg = write_yaml(tmp_path / "s.yaml", run_dict(save_every=100))
-    one = subprocess.run([sys.executable, str(script), cfg, synth, str(tmp_path / "one")],
+    cfg = write_yaml(tmp_path / "s.yaml", run)
+    one = subprocess.run([sys.executable, str(script), cfg, data, str(tmp_path / "one")],
                          env=env(), capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          str(script), cfg, synth, str(tmp_path / "two")],
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", str(script), cfg, data, str(tmp_path / "two")],
                          env=env(), capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     a = ckpt.load(str(tmp_path / "one" / "checkpoints" / "last.pt"))
     b = ckpt.load(str(tmp_path / "two" / "checkpoints" / "last.pt"))
     assert b["world_size"] == 2 and a["world_size"] == 1
+    return a, b
+
+
+def _same_run(a: dict, b: dict, steps: int) -> None:
     la, lb = [h["loss"] for h in a["history"]], [h["loss"] for h in b["history"]]
-    assert len(la) == len(lb) == 10
+    assert len(la) == len(lb) == steps
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4, (la, lb)
     assert max_diff(a["model"], b["model"]) < 1e-4
+
+
+def test_ddp_two_gloo_processes_equal_single_process(tmp_path, synth):
+    a, b = _one_and_two_processes(tmp_path, run_dict(save_every=100), synth)
+    _same_run(a, b, 10)
+
+
+def test_ddp_rank_without_boxes_beside_a_rank_with_some(tmp_path):
+    """Global batch 2 of a 2-image set, one image with boxes and one without: in every batch
+    one rank's shard has regions and the other's none; the region loss runs on both ranks and
+    the run equals the 1-process run."""
+    from data_helpers import record, write_dataset, write_image
+
+    root = str(tmp_path / "data")
+    for name in ("a.jpg", "b.jpg"):
+        write_image(f"{root}/images/{name}", 32, 32, box=(4, 4, 28, 28))
+    write_dataset(root, [record("a.jpg", 32, 32, boxes=[(2, 2, 18, 18), (12, 12, 30, 30)], text="one",
+                                split="train"),
+                         record("b.jpg", 32, 32, boxes=[], text="two", split="train")])
+    run = run_dict(batch_size=2, save_every=100, stages=[
+        {"name": "region", "steps": 3, "losses": {"global": 1.0, "region": 1.0}}])
+    a, b = _one_and_two_processes(tmp_path, run, root)
+    assert all(h["loss_region"] > 0 for h in a["history"])
+    _same_run(a, b, 3)
 
 
 # ---------------------------------------------------------------- SIGKILL + resume
