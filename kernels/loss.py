@@ -35,14 +35,32 @@ BWD_BUFFER_BYTES = 128 * 2**20
 _UPCAST = tl.constexpr(_INTERPRET)
 
 
+def _fill_partials(nargs) -> None:
+    # Slots of splits that a config does not use keep what an earlier (autotuning) launch wrote:
+    # reset them to the reduction's identity before every launch.
+    if "ROWS" in nargs:
+        nargs["ROWS"].fill_(float("-inf"))
+    else:
+        nargs["OUT"].zero_()
+
+
 def _configs(fwd: bool):
-    """Four configs each: the GPU check has ~2 minutes for every benchmark, compiles included."""
+    """Candidates per kernel; the GPU check has ~2 minutes for every benchmark, compiles included.
+
+    Forward: ``SPLIT`` programs share a row block's columns, so that ``cdiv(n, FWD_BN)`` row
+    blocks (128 at B = 16384) still fill the GPU several programs per multiprocessor deep.
+    """
     if _INTERPRET:
         return None
     if fwd:  # BN is fixed (FWD_BN)
-        shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
-        return [triton.Config({"BM": bm, "BK": bk}, num_warps=w, num_stages=st) for bm, bk, w, st in shapes]
-    shapes = [(128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
+        shapes = [(64, 64, 4, 3, 1), (128, 64, 8, 3, 1), (64, 64, 4, 3, 2), (64, 64, 4, 3, 4),
+                  (128, 64, 8, 3, 2), (128, 64, 8, 3, 4), (128, 32, 8, 4, 4), (64, 32, 4, 4, 8)]
+        return [triton.Config({"BM": bm, "BK": bk, "SPLIT": sp}, num_warps=w, num_stages=st,
+                              pre_hook=_fill_partials)
+                for bm, bk, w, st, sp in shapes]
+    # (128, 128, 64) with 4 warps and BN = 256 spill under HN-NCE on sm_90 (check_triton_compile)
+    shapes = [(128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4),
+              (128, 256, 64, 8, 3)]
     return [triton.Config({"BN": bn, "BM": bm, "BK": bk}, num_warps=w, num_stages=st)
             for bn, bm, bk, w, st in shapes]
 
@@ -51,9 +69,22 @@ def _tune(kernel, fwd: bool):
     cfgs = _configs(fwd)
     if cfgs is None:
         return kernel
-    # keyed on D (and HN-NCE) only, so that each batch size and last chunk does not re-tune
-    key = ["d", "HARD"] if "HARD" in kernel.arg_names else ["d"]
+    # Keyed on D (and HN-NCE), and for the forward on the power of two above the row count (the
+    # best split depends on how many row blocks there are): a batch size, its last chunk or a
+    # region count that varies from step to step does not re-tune.
+    key = ["d"] + (["n_key"] if fwd else []) + (["HARD"] if "HARD" in kernel.arg_names else [])
     return triton.autotune(configs=cfgs, key=key)(kernel)
+
+
+#: Column splits per row block in the interpreter (no autotuning there): more than one, so that
+#: the CPU tests cover the merge of split partials.
+_INTERPRET_SPLIT = 2
+#: Most splits a forward config may use (size of the row-partial buffer).
+MAX_SPLIT = 8
+
+
+def _n_key(n: int) -> int:
+    return 1 << max(4, (n - 1).bit_length())
 
 
 @triton.jit
@@ -94,10 +125,15 @@ def _logaddexp(a, b):
 
 
 @triton.jit
-def _softmax_stats_kernel(X, Y, SCALE, GI, GT, ROWS, COLS, n, m, d, beta, sxn, syn, nblocks,
+def _softmax_stats_kernel(X, Y, SCALE, GI, GT, ROWS, COLS, n, m, d, beta, sxn, syn, nblocks, n_key,
                           HARD: tl.constexpr, PREC: tl.constexpr,
-                          BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                          BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+    # ROWS: [MAX_SPLIT, k, n] row partials (split sp in slot sp); COLS: [k, nblocks, m]
     pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    per = tl.cdiv(tl.cdiv(m, SPLIT), BM) * BM
+    c_lo = sp * per
+    c_hi = tl.minimum(m, c_lo + per)
     rows = pid * BN + tl.arange(0, BN)
     rmask = rows < n
     scale = tl.load(SCALE)
@@ -107,9 +143,9 @@ def _softmax_stats_kernel(X, Y, SCALE, GI, GT, ROWS, COLS, n, m, d, beta, sxn, s
     r2 = tl.full((BN,), ninf, tl.float32)
     if HARD:
         gi = tl.load(GI + rows, mask=rmask, other=-1)
-    for c0 in range(0, m, BM):
+    for c0 in range(c_lo, c_hi, BM):
         cols = c0 + tl.arange(0, BM)
-        cmask = cols < m
+        cmask = cols < c_hi
         t = _tile_logits(X, Y, rows, cols, rmask, cmask, d, sxn, syn, scale, BN, BM, BK, PREC)
         valid = rmask[:, None] & cmask[None, :]
         if HARD:
@@ -128,10 +164,13 @@ def _softmax_stats_kernel(X, Y, SCALE, GI, GT, ROWS, COLS, n, m, d, beta, sxn, s
             v = tl.where(valid, t, ninf)
             r0 = _logaddexp(r0, _lse_rows(v))
             tl.store(COLS + pid * m + cols, _lse_cols(v), mask=cmask)
-    tl.store(ROWS + rows, r0, mask=rmask)
     if HARD:
-        tl.store(ROWS + n + rows, r1, mask=rmask)
-        tl.store(ROWS + 2 * n + rows, r2, mask=rmask)
+        base = ROWS + sp * 3 * n
+        tl.store(base + rows, r0, mask=rmask)
+        tl.store(base + n + rows, r1, mask=rmask)
+        tl.store(base + 2 * n + rows, r2, mask=rmask)
+    else:
+        tl.store(ROWS + sp * n + rows, r0, mask=rmask)
 
 
 @triton.jit
@@ -169,21 +208,26 @@ def _softmax_grad_kernel(X, Y, SCALE, GI, GT, RS, CS, G, n, m, d, beta, sxn, syn
 
 
 @triton.jit
-def _sigmoid_sum_kernel(X, Y, SCALE, BIAS, OUT, n, m, d, sxn, syn, PREC: tl.constexpr,
-                        BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+def _sigmoid_sum_kernel(X, Y, SCALE, BIAS, OUT, n, m, d, sxn, syn, nblocks, n_key, PREC: tl.constexpr,
+                        BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr):
+    # OUT: [MAX_SPLIT, nblocks] partial sums
     pid = tl.program_id(0)
+    sp = tl.program_id(1)
+    per = tl.cdiv(tl.cdiv(m, SPLIT), BM) * BM
+    c_lo = sp * per
+    c_hi = tl.minimum(m, c_lo + per)
     rows = pid * BN + tl.arange(0, BN)
     rmask = rows < n
     scale = tl.load(SCALE)
     bias = tl.load(BIAS)
     acc = tl.zeros((BN,), dtype=tl.float32)
-    for c0 in range(0, m, BM):
+    for c0 in range(c_lo, c_hi, BM):
         cols = c0 + tl.arange(0, BM)
-        cmask = cols < m
+        cmask = cols < c_hi
         v = _tile_logits(X, Y, rows, cols, rmask, cmask, d, sxn, syn, scale, BN, BM, BK, PREC) + bias
-        sp = tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
-        acc += tl.sum(tl.where(rmask[:, None] & cmask[None, :], sp, 0.0), 1)
-    tl.store(OUT + pid, tl.sum(acc, 0))
+        soft = tl.maximum(v, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(v)))
+        acc += tl.sum(tl.where(rmask[:, None] & cmask[None, :], soft, 0.0), 1)
+    tl.store(OUT + sp * nblocks + pid, tl.sum(acc, 0))
 
 
 @triton.jit
@@ -205,8 +249,12 @@ _softmax_stats = _tune(_softmax_stats_kernel, fwd=True)
 _softmax_grad = _tune(_softmax_grad_kernel, fwd=False)
 _sigmoid_sum = _tune(_sigmoid_sum_kernel, fwd=True)
 _sigmoid_grad = _tune(_sigmoid_grad_kernel, fwd=False)
-_FIXED_FWD = {"BM": 16, "BK": 16} if _INTERPRET else {}
+_FIXED_FWD = {"BM": 16, "BK": 16, "SPLIT": _INTERPRET_SPLIT} if _INTERPRET else {}
 _FIXED_BWD = {"BN": 16, "BM": 16, "BK": 16} if _INTERPRET else {}
+
+
+def _splits() -> int:
+    return _INTERPRET_SPLIT if _INTERPRET else MAX_SPLIT
 
 
 def _check(x: torch.Tensor, y: torch.Tensor) -> str | None:
@@ -235,13 +283,14 @@ def softmax_stats(x, y, scale, gi, gt, beta, tile):
     hard = beta > 0
     k = 3 if hard else 1
     nb = triton.cdiv(n, FWD_BN)
-    rows = torch.empty(k, n, dtype=torch.float32, device=x.device)
+    rows = torch.full((_splits(), k, n), float("-inf"), dtype=torch.float32, device=x.device)
     cols = torch.empty(k, nb, m, dtype=torch.float32, device=x.device)
     dummy = torch.zeros(1, dtype=torch.int64, device=x.device)
-    _softmax_stats[(nb,)](x, y, _f32(scale), gi if hard else dummy, gt if hard else dummy, rows, cols,
-                          n, m, d, float(beta), x.stride(0), y.stride(0), nb, HARD=hard, PREC=prec,
-                          BN=FWD_BN, **_FIXED_FWD)
-    return rows, torch.logsumexp(cols, dim=1)
+    grid = lambda meta: (nb, meta["SPLIT"])  # noqa: E731
+    _softmax_stats[grid](x, y, _f32(scale), gi if hard else dummy, gt if hard else dummy, rows, cols,
+                         n, m, d, float(beta), x.stride(0), y.stride(0), nb, _n_key(n), HARD=hard,
+                         PREC=prec, BN=FWD_BN, **_FIXED_FWD)
+    return torch.logsumexp(rows, dim=0), torch.logsumexp(cols, dim=1)
 
 
 def _grads(x, y, scale, tile, launch, want_sum: bool):
@@ -292,9 +341,10 @@ def sigmoid_sum(x, y, scale, bias, tile):
     n, d = x.shape
     m = y.shape[0]
     nb = triton.cdiv(n, FWD_BN)
-    out = torch.empty(nb, dtype=torch.float32, device=x.device)
-    _sigmoid_sum[(nb,)](x, y, _f32(scale), _f32(bias), out, n, m, d, x.stride(0), y.stride(0),
-                        PREC=prec, BN=FWD_BN, **_FIXED_FWD)
+    out = torch.zeros(_splits(), nb, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (nb, meta["SPLIT"])  # noqa: E731
+    _sigmoid_sum[grid](x, y, _f32(scale), _f32(bias), out, n, m, d, x.stride(0), y.stride(0), nb,
+                       _n_key(n), PREC=prec, BN=FWD_BN, **_FIXED_FWD)
     return out.sum()
 
 
