@@ -200,11 +200,45 @@ def _against_open_clip(rank: int, world: int) -> None:
         ChunkedClipLoss(rank=(rank + 1) % world, world_size=world)(xs, ys, 2.0)
 
 
+def _ddp_average_equals_one_process(rank: int, world: int) -> None:
+    """``gather_with_grad=True, local_loss=False``: DDP's average of the ranks' parameter
+    gradients is the one-process gradient, also for uneven and empty shards (what the trainer
+    relies on)."""
+    from regionmed_fast.ops import chunked_clip_loss
+    from regionmed_fast.ops.loss_reference import clip_loss_reference
+    from regionmed_fast.testing import assert_close
+
+    x, y, ids = _data(11, 9, 5, 3, groups=4)
+    sx, sy = ([7, 4], [2, 7]) if world == 2 else ([5, 0, 6], [3, 4, 2])
+    g = torch.Generator().manual_seed(4)
+    w0 = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    for kw in ({}, dict(hard_negative_beta=0.4), dict(kind="sigmoid")):
+        def params():
+            return (w0.clone().requires_grad_(True), torch.tensor(0.9, dtype=torch.float64, requires_grad=True),
+                    torch.tensor(-1.0, dtype=torch.float64, requires_grad=True))
+
+        w, p, b = params()
+        pos = (_shard(ids[0], sx)[rank], _shard(ids[1], sy)[rank])
+        loss = chunked_clip_loss(_shard(x, sx)[rank] @ w, _shard(y, sy)[rank] @ w, p.exp(), b, positives=pos,
+                                 group=dist.group.WORLD, gather_with_grad=True, backend="cpu", **kw)
+        got = list(torch.autograd.grad(loss, [w, p, b], allow_unused=True))
+        got[2] = torch.zeros_like(b) if got[2] is None else got[2]
+        for t in got:  # DDP's all-reduce average
+            dist.all_reduce(t)
+            t /= world
+        w, p, b = params()
+        want = torch.autograd.grad(clip_loss_reference(x @ w, y @ w, p.exp(), b, positives=ids, **kw),
+                                   [w, p, b], allow_unused=True)
+        for name, a, e in zip(("weight", "logit_scale", "logit_bias"), got, want):
+            assert_close(a, torch.zeros_like(a) if e is None else e, name=f"DDP average {kw} grad {name} rank {rank}/{world}")
+
+
 def _worker(rank: int, world: int, port: int, errfile: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        _ddp_average_equals_one_process(rank, world)
         _against_open_clip(rank, world)
         scale = torch.tensor(2.5, dtype=torch.float64)
         for ci, c in enumerate(_oracle_cases(world)):
