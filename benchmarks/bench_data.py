@@ -166,7 +166,7 @@ def tv_cuda_fn(records: list[dict], device: str):
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from regionmed_fast.data.sample import geometry, target_boxes
+    from regionmed_fast.data.sample import geometry, sample_key, target_boxes
 
     datas = [torch.frombuffer(bytearray(open(r["image_path"], "rb").read()), dtype=torch.uint8)
              for r in records]
@@ -183,7 +183,7 @@ def tv_cuda_fn(records: list[dict], device: str):
             imgs = decode_jpeg([datas[i] for i in idx], mode=ImageReadMode.RGB, device=device)
             outs = []
             for i, im in zip(idx, imgs):
-                p = geometry(records[i], SIZE, True, 0, ep, i)
+                p = geometry(records[i], True, 0, ep, sample_key(records[i], i))
                 target_boxes(records[i], p, SIZE)
                 crop = im[:, p.y0:p.y0 + p.h, p.x0:p.x0 + p.w].unsqueeze(0).float()
                 o = F.interpolate(crop, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)

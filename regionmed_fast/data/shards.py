@@ -361,9 +361,9 @@ class ShardSource:
         for n in range(1 << 62):
             stream = self._pass(plan, slot)
             if self.shuffle and self.buffer > 1:
-                stream = _wds().filters._shuffle(
-                    iter(stream), bufsize=self.buffer, initial=self.buffer,
-                    seed=f"{self.seed}-{self.stage}-{epoch}-{slot}-{n}")
+                stream = _wds().filters.shuffle(
+                    bufsize=self.buffer, initial=self.buffer,
+                    seed=f"{self.seed}-{self.stage}-{epoch}-{slot}-{n}")(iter(stream))
             got = False
             for item in stream:
                 got = True
