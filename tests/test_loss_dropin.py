@@ -191,3 +191,22 @@ def test_bf16_autocast_runs_the_loss_in_float32(backend):
     assert_close(loss, want, atol=1e-5, rtol=1e-5, name=f"{backend} under autocast")
     loss.backward()
     assert lin.weight.grad is not None and lin.weight.grad.dtype == torch.float32
+
+
+# --- missing open_clip -----------------------------------------------------------------------
+
+def test_bench_loss_without_open_clip_says_what_to_install(monkeypatch):
+    import pathlib
+    import sys
+
+    from regionmed_fast.errors import MissingDependency
+
+    bench = str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks")
+    monkeypatch.syspath_prepend(bench)
+    import bench_loss
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # what an install without it sees
+    with pytest.raises(MissingDependency, match=r"needs the package 'open-clip-torch'.*"
+                                                r"pip install 'regionmed-fast\[test\]'") as info:
+        bench_loss.impls("cpu", "cpu")
+    assert "\n" not in str(info.value)

@@ -35,9 +35,10 @@ __all__ = ["chunked_clip_loss", "BACKENDS", "CPU_SINGLE_TILE_BYTES", "FULL_LOGIT
 
 _OP = "chunked_clip_loss"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: With ``chunk_size=None`` the cpu backend computes the logits as one tile up to this size (fp32)
-#: and in ``loss_cpu.DEFAULT_TILE`` tiles above: measured, tiles are as fast from 4096^2 on and
-#: use O(tile) memory (the triton backend's own limit is ``kernels/loss.py: BWD_BUFFER_BYTES``).
+#: With ``chunk_size=None`` the cpu backend computes the logits as one row block per thread up
+#: to this size (fp32) and in ``loss_cpu.DEFAULT_TILE`` tiles above, which cost O(tile) memory
+#: and are no slower there (docs/loss.md; the triton backend's own limit is
+#: ``kernels/loss.py: BWD_BUFFER_BYTES``).
 CPU_SINGLE_TILE_BYTES = 16 * 2**20
 #: ``auto`` (one process, ``chunk_size=None``) computes the whole ``N x M`` logits
 #: (``torch-full``) while ``N * M`` is at most this, per device type, and tiles above; see
