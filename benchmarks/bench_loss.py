@@ -114,9 +114,24 @@ def _forced_tile():
     return DEFAULT_TILE
 
 
+#: Above this many bytes of logits the floor's GEMM runs in row blocks into one reused buffer:
+#: the whole B x B output (16 GiB at B = 65536) would not fit beside the rest.
+FLOOR_WHOLE_BYTES = 2**30
+
+
 def gemm_floor_ms(x: torch.Tensor, y: torch.Tensor, device: str, repeats: int) -> float:
-    """4 x the median time of ``x @ y.T`` (the logits GEMM) measured now."""
-    times = runner.time_fn(lambda: x @ y.T, device, warmup=1, repeats=repeats, max_seconds=20)
+    """4 x the median time of ``x @ y.T`` (the logits GEMM) measured now; the same FLOPs in
+    row blocks where the whole output would exceed ``FLOOR_WHOLE_BYTES``."""
+    fn = lambda: x @ y.T  # noqa: E731
+    if x.shape[0] * y.shape[0] * x.element_size() > FLOOR_WHOLE_BYTES:
+        rows = max(1, FLOOR_WHOLE_BYTES // 8 // (y.shape[0] * x.element_size()))
+        buf = torch.empty(rows, y.shape[0], dtype=x.dtype, device=x.device)
+
+        def fn():
+            for r0 in range(0, x.shape[0], rows):
+                r1 = min(r0 + rows, x.shape[0])
+                torch.mm(x[r0:r1], y.T, out=buf[: r1 - r0])
+    times = runner.time_fn(fn, device, warmup=1, repeats=repeats, max_seconds=20)
     return 4 * statistics.median(times)
 
 
@@ -197,9 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             results += runner.run_cases(cases, warmup=0 if big else 1, repeats=repeats,
                                         max_seconds=10 if args.quick else 30,
                                         baselines=baselines, floors=floors)
-    extra = {"quick": args.quick, "load_avg_start": load, "load_avg_end": os.getloadavg(),
-             "size_label": "batch size B (N = M)", "floor": "4 x time of img @ txt.T, same run"}
-    json_path, md_path = runner.save("loss", results, extra, out_dir=args.out)
+            # saved after every size: a run stopped at B = 65536 keeps the smaller sizes
+            extra = {"quick": args.quick, "load_avg_start": load, "load_avg_end": os.getloadavg(),
+                     "size_label": "batch size B (N = M)",
+                     "floor": "4 x time of img @ txt.T, same run (in row blocks above 1 GiB of logits)"}
+            json_path, md_path = runner.save("loss", results, extra, out_dir=args.out)
     print(runner.markdown_table(results, "bench_loss"))
     print(f"wrote {json_path} and {md_path}")
     return 0
