@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = device != "cpu"
     vit = dict(B=32, C=768, H=14, W=14, per_image=8, S=7, sr=2, image=224, layout="nhwc")
     cnn = dict(B=8, C=256, H=56, W=56, per_image=8, S=7, sr=2, image=224, layout="nchw")
-    # the model's call (ROIConfig: output_size 2, sampling_ratio 2, aligned); 64 images on a CPU
+    # the model's call (RoIConfig: output_size 2, sampling_ratio 2, aligned); 64 images on a CPU
     # keep the torchvision baseline within the run's time budget
     train = dict(B=256 if on_gpu else 64, C=768, H=14, W=14, per_image=4, S=2, sr=2, image=224, layout="nhwc",
                  aligned=True, modes=("fwd+bwd",), label="train ")

@@ -7,8 +7,6 @@ the CPU, fused on CUDA). Cases in the same run, on the same batches held in memo
 * ``fused``       every op on ``backend="auto"`` (C++ kernels on the CPU, Triton/CUDA on a GPU)
 * ``reference``   every op on its plain PyTorch ``reference`` backend
 * ``fused+compile`` / ``reference+compile``  the model under ``torch.compile``
-* ``fused+loader`` the step plus batch assembly from disk (decode + resize, no cache), i.e. the
-  whole pipeline on one process
 * ``encoders``    the limit: forward + backward of the image and text towers alone on the same
   images and texts (no ROI processor, no loss; the sum of the outputs is backpropagated)
 
@@ -20,17 +18,25 @@ check: N optimizer steps from the same initial weights and batches with ``fused`
 Sizes: ``cpu`` - the demo's ``regionmed-tiny`` (64 px, 8 px patches, tiny text tower, batch 32);
 ``cuda`` - ``regionmed-base`` (ViT-B/16 at 224 px, MiniLM text tower, batch 128, bf16 autocast).
 
+The trainer end to end (``--cases e2e``, see ``train_pipeline.py``): ``Trainer.fit`` on real
+JPEGs through the real loader against the same steps from batches held in device memory, per
+worker count; and its peak memory on a 2,000- and a 20,000-image set (``--cases memory``).
+
 Against OpenCLIP (on CUDA by default, ``--openclip on`` elsewhere): OpenCLIP's own ViT-B-16
 train step beside our global-only and region-aware steps at batch 256, 224 px, bf16, eager and
 compiled (``--compile-mode``; see ``OpenClipComparison``). On the CPU the same code runs with
 tiny towers (batch 4, 64 px). ``--only-openclip`` runs only this comparison.
 
     python benchmarks/bench_train.py [--quick] [--device cpu|cuda] [--repeats N] [--batch B]
-        [--openclip auto|on|off] [--compile-mode blocks|whole|none] [--only-openclip]
+        [--cases step,e2e,memory] [--openclip auto|on|off] [--compile-mode blocks|whole|none]
+        [--only-openclip] [--e2e-model tiny|base] [--e2e-steps N] [--e2e-batch B]
+        [--e2e-workers 0,1,2] [--memory-sets 2000,20000] [--memory-steps 200] ...
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 import os
 import sys
@@ -43,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import runner  # noqa: E402
+import train_pipeline  # noqa: E402
 
 from regionmed_fast.train.losses import compute_losses  # noqa: E402
 from regionmed_fast.train.stages import Stage  # noqa: E402
@@ -70,13 +77,14 @@ def build(spec: dict, backend: str, device: str, seed: int = 0):
     return model, get_tokenizer(text.name, text.context_length)
 
 
-def make_batches(root: str, size: int, batch: int, count: int, tokenizer, cache: bool = True):
-    from regionmed_fast.train.data import SampleReader, read_records
+def make_batches(root: str, size: int, batch: int, count: int, tokenizer) -> list[dict]:
+    """``count`` batches of the dataset folder ``root`` (the data layer's eval path: whole images)."""
+    from regionmed_fast.data.batch import build_batch
+    from regionmed_fast.data.manifest import read_manifest
 
-    reader = SampleReader(root, read_records(root), size, cache=cache)
-    n = len(reader)
-    return reader, [reader.batch([(i * batch + j) % n for j in range(batch)], tokenizer)
-                    for i in range(count)]
+    recs = read_manifest(root)
+    return [build_batch([recs[(i * batch + j) % len(recs)] for j in range(batch)], image_size=size,
+                        tokenizer=tokenizer) for i in range(count)]
 
 
 def to_dev(batch: dict, device: str) -> dict:
@@ -375,36 +383,11 @@ def openclip_setup(args, amp: torch.dtype | None, extra: dict) -> tuple[OpenClip
     return cmp, mode
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = runner.common_args(__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--curve-steps", type=int, default=None)
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--openclip", choices=("auto", "on", "off"), default="auto",
-                   help="also time OpenCLIP's ViT-B-16 step beside ours (auto: on CUDA only; "
-                        "on the CPU: tiny towers)")
-    p.add_argument("--compile-mode", choices=("blocks", "whole", "none"), default=None,
-                   help="how the OpenCLIP comparison compiles all three models (see compile_model; "
-                        "default: blocks on CUDA, none on the CPU)")
-    p.add_argument("--only-openclip", action="store_true", help="skip the backend comparison")
-    args = p.parse_args(argv)
-    device = args.device
+def step_cases(args, device: str, amp) -> tuple[list, dict, bool, str]:
+    """The backend comparison of one hierarchical step on batches in memory: results, extra
+    JSON, whether the loss curves agree, and the Markdown note on them."""
     cuda = device.startswith("cuda")
     spec = BASE if cuda else TINY
-    amp = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
-    # the comparison with OpenCLIP: eager first, compiled last (the cold compiles are the part
-    # most likely to overrun a time limit); results are saved after each part
-    oc, oc_mode, oc_results, oc_extra = None, "none", [], {}
-    if args.only_openclip or args.openclip == "on" or (args.openclip == "auto" and cuda):
-        oc, oc_mode = openclip_setup(args, amp, oc_extra)
-        oc_results = oc.run("none", repeats=args.repeats)
-        runner.save("train", oc_results, extra=oc_extra, out_dir=args.out)
-    if args.only_openclip:
-        if oc_mode != "none":
-            oc_results += oc.run(oc_mode, repeats=args.repeats)
-        js, _ = runner.save("train", oc_results, extra=oc_extra, out_dir=args.out)
-        print(f"wrote {js}")
-        return 0
     batch = args.batch or (128 if cuda else 32) // (2 if args.quick else 1)
     curve_steps = args.curve_steps or (10 if args.quick else 50)
     tmp = tempfile.mkdtemp(prefix="bench_train_")
@@ -416,10 +399,9 @@ def main(argv: list[str] | None = None) -> int:
 
     models = {b: build(spec, b, device) for b in ("auto", "reference")}
     tok = models["auto"][1]
-    reader, batches = make_batches(tmp, spec["size"], batch, 4, tok)
+    batches = make_batches(tmp, spec["size"], batch, 4, tok)
     inputs = [to_dev(b, device) for b in batches]
     n_regions = sum(int(b["box_counts"].sum()) for b in batches) / len(batches)
-    state = {"i": 0}
 
     def cycle(fn):
         own = {"i": 0}  # every case is timed on the same sequence of batches
@@ -441,15 +423,6 @@ def main(argv: list[str] | None = None) -> int:
                            backend, device, amp, comp)
         cases.append(runner.Case(name, cycle(steps[name]), group="train_step", device=device,
                                  meta={"batch": batch, "backend": backend, "compile": comp}))
-    disk_reader, _ = make_batches(tmp, spec["size"], batch, 1, tok, cache=False)
-
-    def with_loader():
-        i = state["i"] = (state["i"] + 1) % len(batches)
-        b = disk_reader.batch([(i * batch + j) % len(disk_reader) for j in range(batch)], tok)
-        return steps["fused"](b)
-
-    cases.append(runner.Case("fused+loader", with_loader, group="train_step", device=device,
-                             meta={"batch": batch, "backend": "auto", "loader": "disk, no cache"}))
     enc_model = build(spec, "auto", device)[0]
     cases.append(runner.Case("encoders", cycle(encoders_step(enc_model, device, amp)), group="train_step",
                              device=device, meta={"batch": batch, "limit": True}))
@@ -490,19 +463,127 @@ def main(argv: list[str] | None = None) -> int:
     curve["ok"] = curve["max_rel_diff"] < (2e-2 if amp else 1e-3)
     extra = {"model": spec["model"], "model_args": spec["args"], "batch": batch,
              "regions_per_batch": n_regions, "amp": str(amp), "summary": summary, "loss_curve": curve}
-    results += oc_results
-    extra.update(oc_extra)
+    note = (f"\nbatch {batch}, {n_regions:.0f} regions per batch; samples/s: "
+            + ", ".join(f"{k} {v['samples_per_s']:.1f}" for k, v in summary.items())
+            + f"\n\nloss curve over {curve_steps} steps, fused vs reference: max relative "
+            f"difference {curve['max_rel_diff']:.2e} ({'ok' if curve['ok'] else 'NOT within tolerance'})\n")
+    return results, extra, curve["ok"], note
+
+
+class Saver:
+    """Writes ``<machine>-train.json/.md`` through the runner after each part. A group this run
+    does not measure keeps its figures from the file already there (so ``--cases memory`` alone
+    adds to the step and end-to-end figures instead of erasing them); ``kept_groups`` in the
+    JSON names those."""
+
+    def __init__(self, out_dir: str | None):
+        self.out_dir = out_dir
+        self.old: list = []
+        self.old_extra: dict = {}
+        path = os.path.join(out_dir or os.environ.get("REGIONMED_BENCH_OUT") or runner.RESULTS_DIR,
+                            f"{runner.machine_tag()}-train.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as fh:
+                    payload = json.load(fh)
+                fields = {f.name for f in dataclasses.fields(runner.Result)}
+                self.old = [runner.Result(**{k: v for k, v in r.items() if k in fields})
+                            for r in payload.get("results", [])]
+                self.old_extra = {k: v for k, v in payload.items()
+                                  if k not in ("bench", "time", "machine", "results")}
+            except (OSError, ValueError, TypeError):
+                self.old = []
+        self.notes: list[str] = []
+
+    def save(self, results: list, extra: dict) -> tuple[str, str]:
+        groups = {r.group for r in results}
+        kept = [r for r in self.old if r.group not in groups]
+        extra = {**self.old_extra, **extra, "kept_groups": sorted({r.group for r in kept})}
+        js, md = runner.save("train", results + kept, extra=extra, out_dir=self.out_dir)
+        if self.notes:
+            with open(md, "a") as fh:
+                fh.write("".join(self.notes))
+        return js, md
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = runner.common_args(__doc__.split("\n")[0])
+    p.add_argument("--cases", default="step,e2e",
+                   help="comma-separated parts: step (backend comparison of one step), e2e "
+                        "(Trainer.fit with the loader vs batches in memory), memory (peak memory "
+                        "of 200 steps on a 2,000- and a 20,000-image set; minutes, ~2 GB of JPEGs "
+                        "written once under $REGIONMED_BENCH_DATA)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--curve-steps", type=int, default=None)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--openclip", choices=("auto", "on", "off"), default="auto",
+                   help="also time OpenCLIP's ViT-B-16 step beside ours (auto: on CUDA only; "
+                        "on the CPU: tiny towers)")
+    p.add_argument("--compile-mode", choices=("blocks", "whole", "none"), default=None,
+                   help="how the OpenCLIP comparison compiles all three models (see compile_model; "
+                        "default: blocks on CUDA, none on the CPU)")
+    p.add_argument("--only-openclip", action="store_true", help="skip the backend comparison")
+    e = p.add_argument_group("end to end (--cases e2e)")
+    e.add_argument("--e2e-model", choices=("tiny", "base"), default=None,
+                   help="tiny (64 px, CPU default) or base (ViT-B/16 at 224 px, the progressive "
+                        "config's size; GPU default)")
+    e.add_argument("--e2e-size", type=int, default=None, help="image size (default 64 / 224)")
+    e.add_argument("--e2e-batch", type=int, default=None, help="global batch (default 32 CPU, 64 GPU)")
+    e.add_argument("--e2e-steps", type=int, default=None,
+                   help="optimizer steps per run, 2 of them untimed (default 16 CPU, 12 GPU)")
+    e.add_argument("--e2e-workers", default=None,
+                   help="worker counts to run the loader with (default 0,1,2 CPU; min(8, cores) GPU)")
+    e.add_argument("--e2e-loader", choices=("auto", "cpu", "dali"), default="auto")
+    m = p.add_argument_group("memory (--cases memory)")
+    m.add_argument("--memory-sets", default="2000,20000", help="dataset sizes (images)")
+    m.add_argument("--memory-steps", type=int, default=200)
+    m.add_argument("--memory-batch", type=int, default=16)
+    m.add_argument("--memory-workers", type=int, default=2)
+    m.add_argument("--memory-cache-mb", type=int, default=0)
+    args = p.parse_args(argv)
+    device = args.device
+    cuda = device.startswith("cuda")
+    args.e2e_model = args.e2e_model or ("base" if cuda else "tiny")
+    parts = {c.strip() for c in args.cases.split(",") if c.strip()}
+    unknown = parts - {"step", "e2e", "memory"}
+    if unknown:
+        p.error(f"--cases: unknown part(s) {sorted(unknown)}; choose from step, e2e, memory")
+    amp = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else None
+    saver = Saver(args.out)
+    results, extra, ok = [], {}, True
+    # the comparison with OpenCLIP: eager first, compiled last (the cold compiles are the part
+    # most likely to overrun a time limit); results are saved after each part
+    oc, oc_mode = None, "none"
+    if args.only_openclip or args.openclip == "on" or (args.openclip == "auto" and cuda):
+        oc, oc_mode = openclip_setup(args, amp, extra)
+        results += oc.run("none", repeats=args.repeats)
+        saver.save(results, extra)
+    if args.only_openclip:
+        if oc_mode != "none":
+            results += oc.run(oc_mode, repeats=args.repeats)
+        js, _ = saver.save(results, extra)
+        print(f"wrote {js}")
+        return 0
+    if "step" in parts:
+        res, ext, ok, note = step_cases(args, device, amp)
+        results += res
+        extra.update(ext)
+        saver.notes.append(note)
+        saver.save(results, extra)
+    if "e2e" in parts:
+        results += train_pipeline.e2e(args, device)
+        saver.save(results, extra)
+    if "memory" in parts:
+        if cuda:
+            print("bench_train: the memory part runs on the CPU path; skipped with --device cuda")
+        else:
+            results += train_pipeline.memory(args)
+            saver.save(results, extra)
     if oc is not None and oc_mode != "none":
-        runner.save("train", results, extra=extra, out_dir=args.out)
         results += oc.run(oc_mode, repeats=args.repeats)
-    js, md = runner.save("train", results, extra=extra, out_dir=args.out)
-    with open(md, "a") as fh:
-        fh.write(f"\nbatch {batch}, {n_regions:.0f} regions per batch; samples/s: "
-                 + ", ".join(f"{k} {v['samples_per_s']:.1f}" for k, v in summary.items())
-                 + f"\n\nloss curve over {curve_steps} steps, fused vs reference: max relative "
-                 f"difference {curve['max_rel_diff']:.2e} ({'ok' if curve['ok'] else 'NOT within tolerance'})\n")
+    js, md = saver.save(results, extra)
     print(f"wrote {js} and {md}")
-    return 0 if curve["ok"] else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -16,30 +16,7 @@ import torch
 from regionmed_fast.train import checkpoint as ckpt
 from regionmed_fast.train.stages import StageFileError, load_run, parse_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a very small RegionMed-CLIP: 32 px, 8 px patches, tiny random-init text tower
-MODEL_ARGS = {"image_size": 32, "text": "tiny", "embed_dim": 64,
-              "vision": {"patch_size": 8, "width": 64, "depth": 2, "heads": 2}}
-
-
-def run_dict(**over) -> dict:
-    d = {"model": "regionmed-tiny", "model_args": MODEL_ARGS, "image_size": 32, "batch_size": 8,
-         "lr": 1e-3, "log_every": 1, "save_every": 2, "precision": "fp32", "stages": [
-             {"name": "global", "steps": 3, "losses": {"global": 1.0}},
-             {"name": "region", "steps": 4, "losses": {"global": 1.0, "region": 1.0},
-              "frozen": ["text"]},
-             {"name": "hierarchical", "steps": 3,
-              "losses": {"global": 1.0, "region": 1.0, "fused": 1.0}, "hard_negative_beta": 0.5}]}
-    d.update(over)
-    return d
-
-
-def write_yaml(path, d: dict) -> str:
-    import yaml
-
-    with open(path, "w") as fh:
-        yaml.safe_dump(d, fh)
-    return str(path)
+from train_helpers import env, max_diff, run_dict, train_cmd, weights, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +26,6 @@ def synth(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("synth")
     write_dataset(root, n=96, size=32, seed=0)
     return str(root)
-
-
-def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def _weights(path: str) -> dict[str, torch.Tensor]:
-    return ckpt.load(path)["model"]
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
 
 
 # ---------------------------------------------------------------- stage files
@@ -128,43 +89,67 @@ assert not [n for n in left if "gloo" in n], left
 """
 
 
-def test_ddp_two_gloo_processes_equal_single_process(tmp_path, synth):
+def _one_and_two_processes(tmp_path, run: dict, data: str) -> tuple[dict, dict]:
+    """The final checkpoints of ``run`` on ``data`` trained by 1 process and by 2 gloo ranks."""
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
-    cfg = write_yaml(tmp_path / "s.yaml", run_dict(save_every=100))
-    one = subprocess.run([sys.executable, str(script), cfg, synth, str(tmp_path / "one")],
-                         env=_env(), capture_output=True, text=True, timeout=240)
+    cfg = write_yaml(tmp_path / "s.yaml", run)
+    one = subprocess.run([sys.executable, str(script), cfg, data, str(tmp_path / "one")],
+                         env=env(), capture_output=True, text=True, timeout=240)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                          str(script), cfg, synth, str(tmp_path / "two")],
-                         env=_env(), capture_output=True, text=True, timeout=240)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", str(script), cfg, data, str(tmp_path / "two")],
+                         env=env(), capture_output=True, text=True, timeout=240)
     assert two.returncode == 0, two.stderr[-3000:]
     a = ckpt.load(str(tmp_path / "one" / "checkpoints" / "last.pt"))
     b = ckpt.load(str(tmp_path / "two" / "checkpoints" / "last.pt"))
     assert b["world_size"] == 2 and a["world_size"] == 1
+    return a, b
+
+
+def _same_run(a: dict, b: dict, steps: int) -> None:
     la, lb = [h["loss"] for h in a["history"]], [h["loss"] for h in b["history"]]
-    assert len(la) == len(lb) == 10
+    assert len(la) == len(lb) == steps
     assert max(abs(x - y) for x, y in zip(la, lb)) < 1e-4, (la, lb)
-    assert _max_diff(a["model"], b["model"]) < 1e-4
+    assert max_diff(a["model"], b["model"]) < 1e-4
+
+
+def test_ddp_two_gloo_processes_equal_single_process(tmp_path, synth):
+    a, b = _one_and_two_processes(tmp_path, run_dict(save_every=100), synth)
+    _same_run(a, b, 10)
+
+
+def test_ddp_rank_without_boxes_beside_a_rank_with_some(tmp_path):
+    """Global batch 2 of a 2-image set, one image with boxes and one without: in every batch
+    one rank's shard has regions and the other's none; the region loss runs on both ranks and
+    the run equals the 1-process run."""
+    from data_helpers import record, write_dataset, write_image
+
+    root = str(tmp_path / "data")
+    for name in ("a.jpg", "b.jpg"):
+        write_image(f"{root}/images/{name}", 32, 32, box=(4, 4, 28, 28))
+    write_dataset(root, [record("a.jpg", 32, 32, boxes=[(2, 2, 18, 18), (12, 12, 30, 30)], text="one",
+                                split="train"),
+                         record("b.jpg", 32, 32, boxes=[], text="two", split="train")])
+    run = run_dict(batch_size=2, save_every=100, stages=[
+        {"name": "region", "steps": 3, "losses": {"global": 1.0, "region": 1.0}}])
+    a, b = _one_and_two_processes(tmp_path, run, root)
+    assert all(h["loss_region"] > 0 for h in a["history"])
+    _same_run(a, b, 3)
 
 
 # ---------------------------------------------------------------- SIGKILL + resume
-def _train_cmd(cfg: str, data: str, out: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "regionmed_fast.cli", "train", "--config", cfg, "--data", data,
-            "--out", out, "--no-progress", *extra]
-
-
-def test_sigkill_mid_stage_then_resume_gives_same_weights(tmp_path, synth):
+def test_sigkill_mid_stage_then_resume_gives_sameweights(tmp_path, synth):
     d = run_dict(save_every=2)
     d["stages"][1]["steps"] = 14  # a long middle stage to be killed in
     cfg = write_yaml(tmp_path / "s.yaml", d)
-    full = subprocess.run(_train_cmd(cfg, synth, str(tmp_path / "full")), env=_env(),
+    full = subprocess.run(train_cmd(cfg, synth, str(tmp_path / "full")), env=env(),
                           capture_output=True, text=True, timeout=240)
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "killed"
     log = out / "train_log.jsonl"
-    proc = subprocess.Popen(_train_cmd(cfg, synth, str(out)), env=_env(),
+    proc = subprocess.Popen(train_cmd(cfg, synth, str(out)), env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 200
     try:
@@ -182,13 +167,13 @@ def test_sigkill_mid_stage_then_resume_gives_same_weights(tmp_path, synth):
     pos = state["position"]
     assert pos["stage"] == 1 and 0 < pos["step"] < 14, pos  # really mid-stage
 
-    resumed = subprocess.run(_train_cmd(cfg, synth, str(out), "--resume"), env=_env(),
+    resumed = subprocess.run(train_cmd(cfg, synth, str(out), "--resume"), env=env(),
                              capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    a = _weights(str(tmp_path / "full" / "checkpoints" / "last.pt"))
-    b = _weights(str(out / "checkpoints" / "last.pt"))
-    assert _max_diff(a, b) < 1e-6
+    a = weights(str(tmp_path / "full" / "checkpoints" / "last.pt"))
+    b = weights(str(out / "checkpoints" / "last.pt"))
+    assert max_diff(a, b) < 1e-6
     # the log holds each step exactly once
     steps = [json.loads(ln)["global_step"] for ln in log.read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 3 + 14 + 3
@@ -229,8 +214,8 @@ def test_checkpoint_of_another_config_is_refused(tmp_path, synth):
     other = dict(small, batch_size=16)
     with pytest.raises(CheckpointMismatchError, match=r"batch_size: checkpoint has 8, this run has 16"):
         Trainer(parse_run(other), synth, out, resume=True, progress=False, verbose=False)
-    rc = subprocess.run(_train_cmd(write_yaml(tmp_path / "o.yaml", other), synth, out, "--resume"),
-                        env=_env(), capture_output=True, text=True, timeout=120)
+    rc = subprocess.run(train_cmd(write_yaml(tmp_path / "o.yaml", other), synth, out, "--resume"),
+                        env=env(), capture_output=True, text=True, timeout=120)
     assert rc.returncode == 2 and "another config" in rc.stderr
 
 
@@ -250,7 +235,7 @@ def test_tiny_model_learns_synthetic_data_far_above_chance(tmp_path):
                  "vision": {"patch_size": 8, "width": 64, "depth": 2, "heads": 2}}
     cfg = parse_run(run_dict(model_args=small_vit, batch_size=32, lr=2e-3, log_every=10,
                              save_every=1000, stages=[
-        {"name": "global", "steps": 70, "losses": {"global": 1.0}, "warmup": 5, "frozen": ["text"]}]))
+        {"name": "global", "steps": 70, "losses": {"global": 1.0}, "warmup": 5, "frozen": ["text", "text_proj"]}]))
     tr = Trainer(cfg, root, str(tmp_path / "run"), progress=False, verbose=False, tensorboard=False)
     summary = tr.fit()
     hist = summary["history"]

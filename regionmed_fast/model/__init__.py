@@ -9,19 +9,19 @@ OpenCLIP-style factory.
 """
 from __future__ import annotations
 
-from .clip import ImageFeatures, RegionMedCLIP
-from .config import RegionMedConfig
-from .factory import (CLIP_MEAN, CLIP_STD, create_model, create_model_and_transforms,
-                      get_tokenizer, image_transform, list_models, model_config)
-from .proposer import ProposerConfig, patch_saliency, propose_from_saliency
-from .roi_processor import RoIConfig, RoIProcessor, boxes_to_rois
-from .text import TextConfig, TextEncoder, Tokenizer
-from .vit import TimmBackbone, VisionConfig, VisionTransformer, build_vision
+from regionmed_fast._lazy import lazy_getattr
 
-__all__ = [
-    "CLIP_MEAN", "CLIP_STD", "ImageFeatures", "ProposerConfig", "RegionMedCLIP",
-    "RegionMedConfig", "RoIConfig", "RoIProcessor", "TextConfig", "TextEncoder", "TimmBackbone",
-    "Tokenizer", "VisionConfig", "VisionTransformer", "boxes_to_rois", "build_vision",
-    "create_model", "create_model_and_transforms", "get_tokenizer", "image_transform",
-    "list_models", "model_config", "patch_saliency", "propose_from_saliency",
-]
+_EXPORTS = {
+    **dict.fromkeys(["ImageFeatures", "RegionMedCLIP"], "regionmed_fast.model.clip"),
+    "RegionMedConfig": "regionmed_fast.model.config",
+    **dict.fromkeys(["CLIP_MEAN", "CLIP_STD", "create_model", "create_model_and_transforms", "get_tokenizer",
+                     "image_transform", "list_models", "model_config"], "regionmed_fast.model.factory"),
+    **dict.fromkeys(["ProposerConfig", "patch_saliency", "propose_from_saliency"], "regionmed_fast.model.proposer"),
+    **dict.fromkeys(["RoIConfig", "RoIProcessor", "boxes_to_rois"], "regionmed_fast.model.roi_processor"),
+    **dict.fromkeys(["TextConfig", "TextEncoder", "Tokenizer"], "regionmed_fast.model.text"),
+    **dict.fromkeys(["TimmBackbone", "VisionConfig", "VisionTransformer", "build_vision"], "regionmed_fast.model.vit"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr("regionmed_fast.model", _EXPORTS)

@@ -67,8 +67,8 @@ def _compiled_check(key: str):
 
 @functools.lru_cache(maxsize=None)
 def _triton_module():
-    # Imported on first use, not at the top: importing triton takes ~0.6 s (measured on the
-    # 2-core dev machine), which CPU-only users should not pay.
+    # Imported on first use, not at the top: triton is optional (CPU builds of torch come
+    # without it) and its import is not free (docs/roi.md, "Import cost").
     from regionmed_fast.kernels import roi as triton_roi
 
     return triton_roi

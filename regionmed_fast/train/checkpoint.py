@@ -5,22 +5,40 @@ steps done in it), the RNG states of every rank, the logged loss history, and th
 fingerprint. Files are written to a temporary name in the same folder, flushed and fsynced, then
 ``os.replace``d over the target, so a kill at any moment leaves either the old or the new
 checkpoint, never a torn one.
+
+Only tensors and plain containers (dict, list, tuple, str, int, float, bool, None) are written:
+configs as dicts, RNG states as tensors. So :func:`load` reads with
+``torch.load(weights_only=True)``, which refuses to unpickle anything else: opening a checkpoint
+cannot run code from it.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import pickle
 import random
+import re
 import tempfile
 from typing import Any
 
 import torch
 
-FORMAT_VERSION = 1
+from regionmed_fast.errors import UserError
+
+FORMAT_VERSION = 2
 LAST = "last.pt"
+# model config fields that may differ on resume: op backends change speed, not results;
+# trained_image_size is set on the model only after the last stage
+_RESUMABLE_MODEL_FIELDS = ("backend", "trained_image_size")
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(UserError, RuntimeError):
     """A checkpoint written by a run with a different config (the message lists the keys)."""
+
+
+class UnsafeCheckpointError(UserError, RuntimeError):
+    """A checkpoint holding objects other than tensors and plain containers (not unpickled)."""
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -41,12 +59,18 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """The RNG states that training touches (python, numpy when present, torch, CUDA)."""
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    """The RNG states that training touches (python, numpy when present, torch, CUDA), as
+    tensors and numbers only."""
+    version, words, gauss = random.getstate()
+    state: dict[str, Any] = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64),
+                                        "gauss": gauss},
+                             "torch": torch.get_rng_state()}
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                          "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
     except ImportError:
         pass
     if torch.cuda.is_available():
@@ -55,14 +79,32 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    """Restore what :func:`rng_state` returned."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_config_dict(model: torch.nn.Module) -> dict | None:
+    """``model.config`` as plain JSON (what a checkpoint records of the architecture)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    elif hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    elif not isinstance(cfg, dict):
+        cfg = dict(vars(cfg))
+    return json.loads(json.dumps(cfg, default=str))
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -88,9 +130,8 @@ def check_compatible(ckpt: dict, fingerprint: dict, model_config: dict | None, p
                                       f"{FORMAT_VERSION} (got format={ckpt.get('format')!r})")
     diffs = _diff(ckpt.get("config"), fingerprint)
     if model_config is not None and ckpt.get("model_config") is not None:
-        # op backends change speed, not results: a run may resume on another backend
         diffs += ["model." + d for d in _diff(ckpt["model_config"], model_config)
-                  if not d.split(":")[0].endswith("backend")]
+                  if not d.split(":")[0].endswith(_RESUMABLE_MODEL_FIELDS)]
     if diffs:
         shown = "\n  ".join(diffs[:12]) + ("\n  ..." if len(diffs) > 12 else "")
         raise CheckpointMismatchError(
@@ -99,7 +140,18 @@ def check_compatible(ckpt: dict, fingerprint: dict, model_config: dict | None, p
 
 
 def load(path: str) -> dict:
-    """Read a checkpoint onto the CPU (``weights_only`` where the contents allow)."""
+    """Read a checkpoint onto the CPU with ``torch.load(weights_only=True)``: tensors and plain
+    containers only; anything else is an :class:`UnsafeCheckpointError` (nothing is run)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(exc))
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load: it holds objects other than tensors and plain containers"
+            + (f" (a {why.group(1)})" if why else "") + "; a regionmed-fast training checkpoint "
+            "never does") from None
+    if not isinstance(state, dict):
+        raise UnsafeCheckpointError(f"{path}: not a training checkpoint (a {type(state).__name__})")
+    return state

@@ -6,7 +6,9 @@
 
 Positives are given as group ids made from the (whitespace-normalised) text: two images with the
 same caption, or two regions with the same description ("a 4 mm nodule in the left upper
-zone"), are both correct for that text, not false negatives. The ids are a stable 63-bit hash
+zone"), are both correct for that text, not false negatives. Each stage's ``loss`` picks the
+contrastive loss: ``softmax`` (CLIP InfoNCE, HN-NCE with ``hard_negative_beta``) or ``sigmoid``
+(SigLIP, whose ``logit_bias`` gets its gradient only there: a softmax is blind to a shift). The ids are a stable 63-bit hash
 of the text, so they agree across DDP ranks without exchanging strings.
 """
 from __future__ import annotations
@@ -34,6 +36,10 @@ def text_group_ids(texts: Sequence[str], device: torch.device | str = "cpu") -> 
 _EMB_KEYS = ("image_global", "image_fused", "region", "text", "region_text")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the stage, step and batch."""
+
+
 def nonfinite_outputs(out: dict) -> list[str]:
     """Names of the model outputs holding NaN/Inf (one reduction, one host sync when clean)."""
     present = [k for k in _EMB_KEYS if isinstance(out.get(k), torch.Tensor) and out[k].numel()]
@@ -45,12 +51,28 @@ def nonfinite_outputs(out: dict) -> list[str]:
     return [k for k in present if not bool(torch.isfinite(out[k]).all())]
 
 
+def nonfinite_error(bad: list[str], value: float, parts: dict, batch: dict, *, stage: Stage,
+                    stage_index: int, step: int, total: int, global_step: int, micro: int,
+                    epoch_batch: tuple[int, int]) -> NonFiniteLossError:
+    """The error that stops a run whose outputs (``bad``, from :func:`nonfinite_outputs`) or loss
+    ``value`` are not finite, naming where: stage, step, micro-batch, epoch and batch, the sample
+    indices and image files."""
+    what = (f"model outputs {bad} hold NaN/Inf" if bad else
+            f"loss is {value} (parts { {k: float(v) for k, v in parts.items()} })")
+    images = [m.get("image") for m in batch.get("meta", [])][:8]
+    return NonFiniteLossError(
+        f"{what} at stage {stage_index + 1} {stage.name!r} step {step + 1} of {total} "
+        f"(global step {global_step + 1}), micro-batch {micro} = epoch {epoch_batch[0]} "
+        f"batch {epoch_batch[1]}; sample indices {batch.get('indices')} images {images}")
+
+
 def compute_losses(out: dict, batch: dict, stage: Stage, *, backend: str = "auto",
                    chunk_size: int | None = None, group=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted sum of the stage's losses over the (global, when ``group`` is given) batch.
 
     ``out`` is ``RegionMedCLIP.forward(batch)``'s dict. Returns ``(total, parts)`` where ``parts``
-    maps each loss name to its unweighted scalar. With a ``group``, each rank passes its shard
+    maps each loss name to its unweighted scalar; ``stage.loss`` picks softmax (CLIP) or sigmoid
+    (SigLIP, which trains ``logit_bias``) for all of them. With a ``group``, each rank passes its shard
     and gets the global-batch loss, whose gradient reaches only its own shard (so under DDP,
     which averages gradients over ranks, the trainer scales the backward by the world size). A stage asking for region losses of a model
     without an ROI processor is an error; a batch with no regions anywhere gives a region loss of
@@ -61,7 +83,8 @@ def compute_losses(out: dict, batch: dict, stage: Stage, *, backend: str = "auto
     scale = out["logit_scale"]
     bias = out.get("logit_bias")
     beta = float(stage.hard_negative_beta)
-    kw = {"hard_negative_beta": beta, "chunk_size": chunk_size, "group": group, "backend": backend}
+    kw = {"hard_negative_beta": beta, "kind": stage.loss, "chunk_size": chunk_size, "group": group,
+          "backend": backend}
     device = out["text"].device
     txt_ids = text_group_ids(batch["texts"], device)
     parts: dict[str, torch.Tensor] = {}

@@ -8,6 +8,7 @@ A run file holds run-wide options and a list of stages::
     grad_accum: 1                  # micro-batches per optimizer step
     seed: 0
     precision: auto                # auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA, fp32 on CPU)
+    group_key: patient_id          # split rule of records without a split field (data/split.py)
     stages:
       - {name: global, epochs: 2, image_size: 64, losses: {global: 1.0}, lr: 1.0e-3}
       - {name: region, steps: 200, losses: {global: 1.0, region: 1.0}, frozen: [text]}
@@ -16,8 +17,10 @@ A run file holds run-wide options and a list of stages::
 
 Each stage gives ``epochs`` (may be fractional) or ``steps`` (optimizer steps), never both.
 ``warmup`` is a step count (int >= 1) or a fraction of the stage (0 <= x < 1). ``frozen`` lists
-module-name prefixes of ``model.named_parameters()`` kept fixed during the stage. Unknown keys
-are an error naming the file and the stage, so a typo never silently does nothing.
+module paths (``text``, ``visual.blocks.0``, ``roi``) or parameter names (``logit_scale``) kept
+fixed during the stage: a path freezes that module's parameters and nothing else (``text`` is
+not ``text_proj``). ``loss`` is ``softmax`` (CLIP, the default) or ``sigmoid`` (SigLIP). Unknown
+keys are an error naming the file and the stage, so a typo never silently does nothing.
 """
 from __future__ import annotations
 
@@ -29,7 +32,10 @@ from typing import Any
 from regionmed_fast.errors import UserError
 
 LOSS_KINDS = ("global", "region", "fused")
+#: ``Stage.loss``: the contrastive loss of :func:`regionmed_fast.ops.chunked_clip_loss` (``kind``)
+LOSS_FUNCTIONS = ("softmax", "sigmoid")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LOADERS = ("auto", "cpu", "dali")
 
 
 class StageFileError(UserError, ValueError):
@@ -45,7 +51,8 @@ class Stage:
     epochs: float | None = None
     steps: int | None = None
     image_size: int | None = None  # None: the run's image_size
-    frozen: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)  # module paths / parameter names
+    loss: str = "softmax"  # "softmax" (CLIP) or "sigmoid" (SigLIP: needs the model's logit_bias)
     lr: float | None = None  # None: the run's lr
     weight_decay: float | None = None
     hard_negative_beta: float = 0.0
@@ -81,7 +88,17 @@ class RunConfig:
     grad_checkpointing: bool = False
     backend: str = "auto"  # backend of the fused ops (roi_pool_fuse, chunked_clip_loss)
     loss_chunk_size: int | None = None
-    num_workers: int = 0
+    num_workers: int = 2  # data worker processes (CPU loader)
+    loader: str = "auto"  # data loader backend: auto | cpu | dali (regionmed_fast.data.make_loader)
+    skip_bad: bool = False  # skip (and count) corrupt images and degenerate boxes
+    cache_mb: int = 0  # decoded-sample cache budget in MiB per process (0: stream from disk)
+    # the split rule of records without a ``split`` field (regionmed_fast.data.split)
+    group_key: str | None = None  # None: patient_id where present, else the image
+    test_fraction: float = 0.3
+    val_fraction: float = 0.0
+    # training augmentation: box-aware random resized crop (area range) and side-aware flips
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    flip_p: float = 0.5
     log_every: int = 10
     save_every: int = 50  # optimizer steps between checkpoints (and one at every stage end)
     baseline: str | None = None  # "global": the global-only baseline (no ROI, region losses off)
@@ -89,11 +106,17 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def split_rule(self) -> dict[str, Any]:
+        """The arguments of ``regionmed_fast.data.split.select_split`` this run trains with."""
+        return {"group_key": self.group_key, "test_fraction": self.test_fraction,
+                "val_fraction": self.val_fraction}
+
     def fingerprint(self) -> dict[str, Any]:
         """The part of the config a checkpoint must agree with to be resumed (what changes the
-        result); logging, workers and checkpoint cadence may differ."""
+        result); logging, workers, caching, checkpoint cadence and backends may differ."""
         d = self.to_dict()
-        for k in ("num_workers", "log_every", "save_every", "compile", "backend", "loss_chunk_size"):
+        for k in ("num_workers", "log_every", "save_every", "compile", "backend", "loss_chunk_size",
+                  "loader", "cache_mb", "skip_bad"):
             d.pop(k)
         return json.loads(json.dumps(d))
 
@@ -169,8 +192,15 @@ def parse_stage(raw: Any, where: str) -> Stage:
     if isinstance(frozen, str):
         frozen = [frozen]
     if not isinstance(frozen, list) or not all(isinstance(f, str) and f for f in frozen):
-        raise StageFileError(f"{where}: 'frozen' must be a list of module-name prefixes")
+        raise StageFileError(f"{where}: 'frozen' must be a list of module paths (e.g. [text, roi])")
     kw["frozen"] = list(frozen)
+    if "loss" in raw:
+        if raw["loss"] not in LOSS_FUNCTIONS:
+            raise StageFileError(f"{where}: loss must be one of {LOSS_FUNCTIONS}, got {raw['loss']!r}")
+        kw["loss"] = raw["loss"]
+    if kw.get("loss") == "sigmoid" and kw.get("hard_negative_beta", 0.0) > 0:
+        raise StageFileError(f"{where}: hard_negative_beta applies to the softmax loss only "
+                             "(loss: sigmoid was given)")
     return Stage(**kw)
 
 
@@ -205,6 +235,29 @@ def validate_run(cfg: RunConfig, source: str = "<config>") -> None:
         _num(source, key, getattr(cfg, key), nonneg=True)
     _num(source, "seed", cfg.seed, integer=True)
     _num(source, "num_workers", cfg.num_workers, integer=True, nonneg=True)
+    _num(source, "cache_mb", cfg.cache_mb, integer=True, nonneg=True)
+    if cfg.loader not in LOADERS:
+        raise StageFileError(f"{source}: loader must be one of {LOADERS}, got {cfg.loader!r}")
+    if not isinstance(cfg.skip_bad, bool):
+        raise StageFileError(f"{source}: skip_bad must be true or false, got {cfg.skip_bad!r}")
+    if cfg.group_key is not None and (not isinstance(cfg.group_key, str) or not cfg.group_key):
+        raise StageFileError(f"{source}: group_key must be a record field name, got {cfg.group_key!r}")
+    for key in ("test_fraction", "val_fraction"):
+        v = _num(source, key, getattr(cfg, key), nonneg=True)
+        if v >= 1:
+            raise StageFileError(f"{source}: {key} must be in [0, 1), got {v!r}")
+    if cfg.test_fraction + cfg.val_fraction >= 1:
+        raise StageFileError(f"{source}: test_fraction + val_fraction must be < 1 (nothing left "
+                             f"to train on), got {cfg.test_fraction} + {cfg.val_fraction}")
+    scale = cfg.crop_scale
+    if (not isinstance(scale, (list, tuple)) or len(scale) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in scale)
+            or not 0 < scale[0] <= scale[1] <= 1):
+        raise StageFileError(f"{source}: crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, "
+                             f"got {scale!r}")
+    v = _num(source, "flip_p", cfg.flip_p, nonneg=True)
+    if v > 1:
+        raise StageFileError(f"{source}: flip_p must be in [0, 1], got {v!r}")
     if cfg.precision not in PRECISIONS:
         raise StageFileError(f"{source}: precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     if cfg.baseline not in (None, "global"):
