@@ -11,8 +11,8 @@ zero-shot macro AUROC, VQA accuracy. Differences (region-trained minus global-on
 two-level paired bootstrap interval over seeds and test items and a verdict
 (``regionmed_fast.eval.compare``). Annotated boxes appear only in rows named "oracle boxes".
 
-Before that, the levers (stage order and length, the region and fused loss weights - the fused
-loss is what trains the region-to-global attention - and the hard-negative beta) are chosen
+Before that, the levers (stage order and length, the region and fused loss weights, the
+hard-negative beta) are chosen
 greedily, one group at a time, on a validation split carved out of the training data only,
 with fewer seeds. The split: :func:`regionmed_fast.data.split.record_split` (``patient_id``
 where present, else the image) gives test and val; records that carry their own ``split``
@@ -20,6 +20,11 @@ where present, else the image) gives test and val; records that carry their own 
 the same group hash. Each phase gets a manifest with an explicit ``split`` per record (the
 images are linked, never copied): ``select/`` (train / val / test) and ``final/`` (train = train
 + val, the same test). Nothing of the test split is seen before the final phase.
+
+No region-to-global attention lever exists: the RoI processor's attention (the global token
+attending over its image's regions) produces only the fused, region-aware embedding, which the
+fused loss trains; the global embedding never sees a region token, so region training can reach
+it only through the shared vision tower.
 
     python scripts/real_data_eval.py --budget small --out runs/study       # the CPU study
     python scripts/real_data_eval.py --budget full --datasets synthetic     # GPU-sized
@@ -63,6 +68,12 @@ METRICS = {
     "zs_auroc": ("zero-shot macro AUROC", "zeroshot", "macro_auroc"),
     "vqa_acc": ("VQA accuracy", "vqa", "mean"),
 }
+HEADLINE = tuple(METRICS)  # the selection criterion and the verdict grid
+# the synthetic set's lesion-size breakdown: top-1 zero-shot accuracy over the test images
+# grouped by their largest finding (regionmed_fast.apps.demo.size_group)
+SIZES = ("small", "medium", "large")
+METRICS.update({f"zs_acc_{g}": (f"zero-shot accuracy, {g} lesions", "zeroshot", "mean")
+                for g in SIZES})
 TASKS = ("retrieval", "zeroshot", "vqa")
 FROZEN = ["text"]  # the pretrained MiniLM tower stays fixed (cached); text_proj trains
 SELECT_SEEDS = (100, 101)  # disjoint from the final seeds
@@ -72,9 +83,9 @@ TEST_FRACTION, VAL_FRACTION = 0.3, 0.15
 SCHEDULES = {
     # name: [(stage, share of the steps)]; every stage after "global" adds the region loss,
     # "hierarchical" the fused loss and the hard negatives
-    "progressive": [("global", 1 / 3), ("region", 1 / 3), ("hierarchical", 1 / 3)],
+    # the global stage is long enough to leave the modality plateau before regions come in
+    "progressive": [("global", 0.625), ("region", 0.1875), ("hierarchical", 0.1875)],
     "joint": [("hierarchical", 1.0)],
-    "long-hierarchical": [("global", 1 / 6), ("region", 1 / 6), ("hierarchical", 2 / 3)],
 }
 
 
@@ -84,7 +95,7 @@ class Setting:
 
     schedule: str = "progressive"
     region: float = 1.0  # weight of the region loss (region <-> region text)
-    fused: float = 1.0   # weight of the fused loss: trains the region-to-global attention
+    fused: float = 1.0   # weight of the fused loss: trains the attention behind the fused embedding
     beta: float = 0.5    # hard-negative beta of the hierarchical stage (HN-NCE; 0 = InfoNCE)
 
     @property
@@ -97,11 +108,12 @@ class Setting:
 
 # lever groups tried in this order, each with the best of the groups before it
 LEVERS = {
-    "schedule": ("stage order and length", [{"schedule": s} for s in SCHEDULES]),
-    "weights": ("loss weights (region, fused; fused 0 = region-to-global attention untrained)",
-                [{"region": 1.0, "fused": 1.0}, {"region": 0.5, "fused": 0.5},
-                 {"region": 2.0, "fused": 2.0}, {"region": 1.0, "fused": 0.0}]),
-    "beta": ("hard-negative beta", [{"beta": 0.5}, {"beta": 0.0}, {"beta": 1.0}]),
+    "weights": ("loss weights (region, fused; fused 0 = no loss on the fused embedding)",
+                [{"region": 1.0, "fused": 1.0}, {"region": 1.0, "fused": 0.0},
+                 {"region": 2.0, "fused": 2.0}]),
+    "beta": ("hard-negative beta", [{"beta": 0.5}, {"beta": 0.0}]),
+    "schedule": ("stage order (progressive, or every loss from the first step)",
+                 [{"schedule": s} for s in SCHEDULES]),
 }
 TINY_MODEL = {"text": "tiny", "image_size": 32, "embed_dim": 32, "roi": {"heads": 1},
               "vision": {"patch_size": 8, "width": 32, "depth": 1, "heads": 1}}
@@ -132,7 +144,7 @@ BUDGETS = {
     "tiny": Budget(steps=3, batch_size=8, image_size=32, model_args=TINY_MODEL, synthetic_n=60,
                    synthetic_size=32, num_workers=0, n_boot=200),
     # this CPU (2 shared cores): ~1-2 min per run
-    "small": Budget(steps=300),
+    "small": Budget(steps=240, image_size=96, synthetic_n=600, num_workers=0),
     # one GPU: the same model and data, 5x the steps
     "full": Budget(steps=1500, batch_size=64),
 }
@@ -257,8 +269,9 @@ def _curve(history: list[dict]) -> dict:
     return {"stages": stages}
 
 
-def item_values(res: dict) -> dict:
-    """Per metric: the item keys, per row the per-item values (and zero-shot's targets)."""
+def item_values(res: dict, size_of: dict[str, str] | None = None) -> dict:
+    """Per metric: the item keys, per row the per-item values (and zero-shot's targets).
+    ``size_of``: image -> size group; adds the per-group zero-shot accuracies (``SIZES``)."""
     items = res.get("items", {})
     out: dict = {}
     r = items.get("retrieval")
@@ -270,6 +283,13 @@ def item_values(res: dict) -> dict:
     z = items.get("zeroshot")
     if z:
         out["zs_auroc"] = {"keys": z["image_keys"], "y": z["y"], "rows": dict(z["scores"])}
+        for g in SIZES if size_of else ():
+            keep = [i for i, k in enumerate(z["image_keys"]) if size_of.get(k) == g]
+            if keep:
+                ix = torch.tensor(keep)
+                out[f"zs_acc_{g}"] = {"keys": [z["image_keys"][i] for i in keep], "rows": {
+                    row: (sc[ix].argmax(1) == z["y"][ix]).double()
+                    for row, sc in z["scores"].items()}}
     v = items.get("vqa")
     if v:
         out["vqa_acc"] = {"keys": v["keys"], "rows": dict(v["correct"]),
@@ -365,7 +385,7 @@ def run_job(job: Job, device: str | None, keep_models: bool = False) -> dict:
     res = evaluate(trainer.model, job.data_dir, tasks=TASKS, split=job.eval_split,
                    tokenizer=tokenizer, image_size=job.budget.image_size, batch_size=64, seed=0,
                    n_boot=50, oracle=job.phase == "final", items=True)
-    values = item_values(res)
+    values = item_values(res, lesion_sizes(job.data_dir))
     meta = {"fingerprint": fp, "dataset": job.dataset, "phase": job.phase,
             "setting": job.setting.to_dict(), "variant": job.variant, "seed": job.seed,
             "summary": summarize(res, values), "curve": _curve(summary["history"]),
@@ -377,6 +397,17 @@ def run_job(job: Job, device: str | None, keep_models: bool = False) -> dict:
     meta_path.write_text(json.dumps(_json(meta), indent=1))
     meta["values"] = values
     return meta
+
+
+def lesion_sizes(data_dir: pathlib.Path) -> dict[str, str] | None:
+    """image -> size group of its largest finding, where the records carry ``size_class`` (the
+    synthetic phantoms); None otherwise."""
+    from regionmed_fast.apps.demo import size_group
+
+    recs = read_manifest(str(data_dir))
+    if not any(reg.get("size_class") for r in recs for reg in r.get("regions") or ()):
+        return None
+    return {r["image"]: size_group(r) for r in recs}
 
 
 def _json(x):
@@ -408,16 +439,16 @@ def compare_runs(a_runs: list[dict], b_runs: list[dict], rows_a=ROWS, row_b: str
                                        [r["values"][key]["rows"][row_b] for r in b_runs],
                                        kind, y, n_boot=n_boot, seed=0)
             d.pop("resampling")
-            out.append({"metric": key, "label": label, "row": row,
-                        "a": f"{REGION}: {ROW_LABELS[row]}", "b": f"{BASELINE}: {ROW_LABELS[row_b]}",
-                        **d})
+            out.append({"metric": key, "label": label, "row": row, **d,
+                        "model_a": f"{REGION}: {ROW_LABELS[row]}",
+                        "model_b": f"{BASELINE}: {ROW_LABELS[row_b]}"})
     return out
 
 
 def score(run: dict) -> float:
     """The selection criterion: the mean over the study's metrics and the headline rows."""
-    vals = [v for m in run["summary"]["metrics"].values() for row, v in m.items()
-            if row in ROWS and v is not None and v == v]
+    vals = [v for k, m in run["summary"]["metrics"].items() if k in HEADLINE
+            for row, v in m.items() if row in ROWS and v is not None and v == v]
     return statistics.fmean(vals) if vals else float("nan")
 
 
@@ -448,52 +479,50 @@ class Study:
               f"score {100 * score(r):.1f} ({what})", flush=True)
         return r
 
-    def evaluate_setting(self, setting: Setting, seeds) -> dict:
-        """Validation numbers of one setting on every dataset (region runs and the baseline of
-        its schedule)."""
-        per = {}
-        for ds in self.data:
-            reg = [self.run(ds, "select", setting, REGION, s) for s in seeds]
-            base = [self.run(ds, "select", setting, BASELINE, s) for s in seeds]
-            per[ds] = {"score": statistics.fmean(score(r) for r in reg),
-                       "per_seed_score": [score(r) for r in reg],
-                       "baseline_score": statistics.fmean(score(r) for r in base),
-                       "metrics": _mean_metrics(reg),
-                       "baseline_metrics": _mean_metrics(base),
-                       "vs_baseline": compare_runs(reg, base, n_boot=self.budget.n_boot)}
-        return {"setting": setting.to_dict(), "name": setting.name, "per_dataset": per,
-                "pooled_score": statistics.fmean(p["score"] for p in per.values())}
+    def evaluate_setting(self, dataset: str, setting: Setting, seeds) -> dict:
+        """Validation numbers of the region-aware model with one setting on one dataset. The
+        baseline is not trained here: the levers are chosen for the region-aware model alone,
+        on its own validation score."""
+        reg = [self.run(dataset, "select", setting, REGION, s) for s in seeds]
+        return {"setting": setting.to_dict(), "name": setting.name,
+                "score": statistics.fmean(score(r) for r in reg),
+                "per_seed_score": [score(r) for r in reg], "metrics": _mean_metrics(reg)}
 
     def select(self, groups: list[str], seeds) -> dict:
-        """Greedy, group by group: the best pooled validation score wins (ties: the earlier
-        candidate, so the default stays unless something beats it)."""
-        best = Setting()
-        steps, cache = [], {}
-        for g in groups:
-            title, cands = LEVERS[g]
-            tried = []
-            for c in cands:
-                s = dataclasses.replace(best, **c)
-                if s not in cache:
-                    cache[s] = self.evaluate_setting(s, seeds)
-                tried.append(cache[s])
-            win = max(range(len(tried)), key=lambda i: (tried[i]["pooled_score"], -i))
-            best = Setting(**tried[win]["setting"])
-            steps.append({"group": g, "title": title, "candidates": tried, "chosen": best.name})
-            print(f"[study] lever {title}: chose {best.name}", flush=True)
-        return {"criterion": ("mean over the datasets of the region-aware model's validation "
-                              "score: the mean over image-to-text R@10, text-to-image R@10, "
-                              "zero-shot macro AUROC and VQA accuracy of its two headline rows "
-                              f"(global, proposed boxes), over {len(seeds)} seeds"),
-                "seeds": list(seeds), "split": "val (carved out of the training data)",
-                "groups": steps, "chosen": best.to_dict(), "chosen_name": best.name}
-
-    def final(self, setting: Setting, seeds) -> dict:
+        """Per dataset, greedy, group by group: the best validation score wins (ties: the
+        earlier candidate, so the default stays unless something beats it)."""
         out = {}
         for ds in self.data:
+            best = Setting()
+            steps, cache = [], {}
+            for g in groups:
+                title, cands = LEVERS[g]
+                tried = []
+                for c in cands:
+                    s = dataclasses.replace(best, **c)
+                    if s not in cache:
+                        cache[s] = self.evaluate_setting(ds, s, seeds)
+                    tried.append(cache[s])
+                win = max(range(len(tried)), key=lambda i: (tried[i]["score"], -i))
+                best = Setting(**tried[win]["setting"])
+                steps.append({"group": g, "title": title, "candidates": tried, "chosen": best.name})
+                print(f"[study] {ds}: lever {title}: chose {best.name}", flush=True)
+            out[ds] = {"groups": steps, "chosen": best.to_dict(), "chosen_name": best.name}
+        return {"criterion": ("the region-aware model's validation score: the mean over "
+                              "image-to-text R@10, text-to-image R@10, zero-shot macro AUROC and "
+                              "VQA accuracy of its two headline rows (global, proposed boxes), "
+                              f"over {len(seeds)} seeds, per dataset"),
+                "seeds": list(seeds), "split": "val (carved out of the training data)",
+                "per_dataset": out}
+
+    def final(self, settings: dict[str, Setting], seeds) -> dict:
+        out = {}
+        for ds in self.data:
+            setting = settings[ds]
             reg = [self.run(ds, "final", setting, REGION, s) for s in seeds]
             base = [self.run(ds, "final", setting, BASELINE, s) for s in seeds]
-            out[ds] = {"comparisons": compare_runs(reg, base, n_boot=self.budget.n_boot),
+            out[ds] = {"setting": setting.to_dict(), "setting_name": setting.name,
+                       "comparisons": compare_runs(reg, base, n_boot=self.budget.n_boot),
                        "runs": {REGION: [_slim(r) for r in reg], BASELINE: [_slim(r) for r in base]},
                        "curves": {REGION: _curves(reg), BASELINE: _curves(base)},
                        "plateau": plateau(self.data[ds] / "final", self.budget.batch_size),
@@ -607,9 +636,10 @@ def main(argv: list[str] | None = None) -> int:
     study = Study(args, budget, out, srcs)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     selection = study.select(groups, _ints(args.select_seeds)) if groups else {
-        "skipped": "--levers none", "chosen": Setting().to_dict(), "chosen_name": Setting().name}
+        "skipped": "--levers none", "per_dataset": {
+            ds: {"chosen": Setting().to_dict(), "chosen_name": Setting().name} for ds in srcs}}
     t_select = time.time() - t0
-    chosen = Setting(**selection["chosen"])
+    chosen = {ds: Setting(**v["chosen"]) for ds, v in selection["per_dataset"].items()}
     final = study.final(chosen, _ints(args.seeds))
     res = {"study": {"budget_name": args.budget, "budget": budget.to_dict(), "device": device,
                      "torch": torch.__version__, "threads": torch.get_num_threads(),
