@@ -84,7 +84,7 @@ SCHEDULES = {
     # name: [(stage, share of the steps)]; every stage after "global" adds the region loss,
     # "hierarchical" the fused loss and the hard negatives
     # the global stage is long enough to leave the modality plateau before regions come in
-    "progressive": [("global", 0.625), ("region", 0.1875), ("hierarchical", 0.1875)],
+    "progressive": [("global", 0.75), ("region", 0.125), ("hierarchical", 0.125)],
     "joint": [("hierarchical", 1.0)],
 }
 
@@ -108,9 +108,9 @@ class Setting:
 
 # lever groups tried in this order, each with the best of the groups before it
 LEVERS = {
-    "weights": ("loss weights (region, fused; fused 0 = no loss on the fused embedding)",
-                [{"region": 1.0, "fused": 1.0}, {"region": 1.0, "fused": 0.0},
-                 {"region": 2.0, "fused": 2.0}]),
+    "weights": ("region and fused loss weights", [{"region": 1.0, "fused": 1.0},
+                                                  {"region": 2.0, "fused": 2.0}]),
+    "fused": ("fused loss on or off", [{"fused": 1.0}, {"fused": 0.0}]),
     "beta": ("hard-negative beta", [{"beta": 0.5}, {"beta": 0.0}]),
     "schedule": ("stage order (progressive, or every loss from the first step)",
                  [{"schedule": s} for s in SCHEDULES]),
@@ -144,7 +144,7 @@ BUDGETS = {
     "tiny": Budget(steps=3, batch_size=8, image_size=32, model_args=TINY_MODEL, synthetic_n=60,
                    synthetic_size=32, num_workers=0, n_boot=200),
     # this CPU (2 shared cores): ~1-2 min per run
-    "small": Budget(steps=240, image_size=96, synthetic_n=600, num_workers=0),
+    "small": Budget(steps=200, image_size=96, synthetic_n=600, num_workers=0),
     # one GPU: the same model and data, 5x the steps
     "full": Budget(steps=1500, batch_size=64),
 }
