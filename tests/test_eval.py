@@ -681,32 +681,3 @@ def test_real_data_batches_and_proposals(shared_data):
             assert (b >= 0).all() and (b <= 32).all()
         g = evaluate_grounding(es, model, model.tokenize)
         assert g["pointing_game"]["n_queries"] > 0
-
-
-def _real_data_script():
-    import importlib.util
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "real_data_eval.py"
-    spec = importlib.util.spec_from_file_location("real_data_eval", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_real_data_split_keeps_patients_apart(shared_data, tmp_path):
-    mod = _real_data_script()
-    info = mod.prepare(shared_data / "covid_chestxray", tmp_path / "covid", "patient_id", None, 0.3)
-    recs = read_manifest(str(tmp_path / "covid"))
-    side = {}
-    for r in recs:
-        side.setdefault(r["patient_id"], set()).add(r["split"])
-    assert all(len(s) == 1 for s in side.values())
-    assert info["val"] == sum(r["split"] == "test" for r in recs) and 0.15 < info["val"] / info["images"] < 0.45
-    # evaluation sees the same split the trainer will (records carry "split")
-    assert len(select_split(recs, "test")) == info["val"]
-    info = mod.prepare(shared_data / "ph2_dermoscopy", tmp_path / "ph2", "image", "clinical_diagnosis", 0.3)
-    recs = read_manifest(str(tmp_path / "ph2"))
-    for dx in ("common nevus", "atypical nevus", "melanoma"):
-        n = sum(r["clinical_diagnosis"] == dx for r in recs)
-        v = sum(r["clinical_diagnosis"] == dx and r["split"] == "test" for r in recs)
-        assert v == round(0.3 * n)

@@ -151,3 +151,25 @@ def test_docs_blocks_match_the_results_file():
         text = (REPO / rel).read_text()
         assert R.replace_block(text, render(res), markers, rel) == text, (
             f"{rel} is out of date with {R.RESULTS_JSON}: run python benchmarks/run_all.py --readme-only")
+
+
+def test_real_data_study_split_keeps_patients_apart(shared_data, tmp_path):
+    """The study's manifests of the shared sets: no patient on two sides, test the project's
+    split rule, val carved out of the training groups only."""
+    from regionmed_fast.data.split import select_split
+
+    for name, key in S.REAL_DATASETS.items():
+        info = S.prepare_dataset(shared_data / name, tmp_path / name, key)
+        sel = read_manifest(str(tmp_path / name / "select"))
+        side: dict = {}
+        for r in sel:
+            side.setdefault(r.get("patient_id", r["image"]), set()).add(r["split"])
+        assert all(len(v) == 1 for v in side.values()), name
+        # test = what `eval --split test` takes from the original manifest by the same rule
+        plain = [r for r in read_manifest(str(shared_data / name)) if "split" not in r]
+        want = {r["image"] for r in select_split(plain, "test")}
+        assert {r["image"] for r in sel if r["split"] == "test"} == want, name
+        n = len(sel)
+        assert 0.05 < info["select"]["val"]["images"] / n < 0.3, name
+        assert info["final"]["train"]["images"] == info["select"]["train"]["images"] + \
+            info["select"]["val"]["images"]

@@ -140,12 +140,12 @@ class Budget:
 
 
 BUDGETS = {
-    # tests: seconds per run
+    # the tests: a test-sized model and data
     "tiny": Budget(steps=3, batch_size=8, image_size=32, model_args=TINY_MODEL, synthetic_n=60,
                    synthetic_size=32, num_workers=0, n_boot=200),
-    # this CPU (2 shared cores): ~1-2 min per run
+    # the CPU study (docs/evaluation.md)
     "small": Budget(steps=200, image_size=96, synthetic_n=600, num_workers=0),
-    # one GPU: the same model and data, 5x the steps
+    # one GPU: the same model and data, more steps and a larger batch
     "full": Budget(steps=1500, batch_size=64),
 }
 
