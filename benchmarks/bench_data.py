@@ -10,8 +10,10 @@ Also DALI's CPU pipeline where DALI is installed, and the limit: the JPEG decode
 decoder alone (simplejpeg full-size decode, one process, times the worker count).
 Datasets: the real ones under ../shared/data (when present) and synthetic ~512 px JPEGs
 generated into a temporary folder.
-CUDA (``--device cuda``): DALI ``decoders.image(device="mixed")`` loader against
-``torchvision.io.decode_jpeg(device="cuda")`` on the batch + crop/resize/flip/normalise on GPU.
+CUDA (``--device cuda``): DALI ``decoders.image(device="mixed")`` loader (left out, with the
+line saying so, where DALI is not installed) and the CPU path with a worker per core (normalising
+on the GPU) against ``torchvision.io.decode_jpeg(device="cuda")`` on the batch +
+crop/resize/flip/normalise on GPU.
 Each case times one full pass (epoch) over the dataset; images/s = images / median time.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import runner  # noqa: E402
 
 from regionmed_fast.data.loader import make_loader  # noqa: E402
+from regionmed_fast.errors import MissingDependency  # noqa: E402
 from regionmed_fast.data.manifest import read_manifest  # noqa: E402
 from regionmed_fast.data.transforms import CLIP_MEAN, CLIP_STD, TRAIN_SCALE  # noqa: E402
 
@@ -166,7 +169,7 @@ def tv_cuda_fn(records: list[dict], device: str):
     import torch.nn.functional as F
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from regionmed_fast.data.sample import geometry, target_boxes
+    from regionmed_fast.data.sample import geometry, sample_key, target_boxes
 
     datas = [torch.frombuffer(bytearray(open(r["image_path"], "rb").read()), dtype=torch.uint8)
              for r in records]
@@ -183,7 +186,7 @@ def tv_cuda_fn(records: list[dict], device: str):
             imgs = decode_jpeg([datas[i] for i in idx], mode=ImageReadMode.RGB, device=device)
             outs = []
             for i, im in zip(idx, imgs):
-                p = geometry(records[i], SIZE, True, 0, ep, i)
+                p = geometry(records[i], True, 0, ep, sample_key(records[i], i))
                 target_boxes(records[i], p, SIZE)
                 crop = im[:, p.y0:p.y0 + p.h, p.x0:p.x0 + p.w].unsqueeze(0).float()
                 o = F.interpolate(crop, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
@@ -219,12 +222,21 @@ def main() -> None:
         counts[name] = len(records) // BATCH * BATCH
         group = f"{name} x{counts[name]}"
         if args.device.startswith("cuda"):
-            dali = make_loader(root, image_size=SIZE, batch_size=BATCH, train=True, backend="dali",
-                               num_workers=4, device=args.device)
-            keep.append(dali)
             cases.append(runner.Case("tv decode_jpeg cuda batched", tv_cuda_fn(records, args.device), group, args.device))
-            cases.append(runner.Case("ours dali mixed", epoch_fn(dali, args.device), group, args.device))
             baselines[group] = "tv decode_jpeg cuda batched"
+            cores = os.cpu_count() or 1
+            cpu_all = make_loader(root, image_size=SIZE, batch_size=BATCH, train=True, backend="cpu",
+                                  num_workers=cores, device=args.device)
+            keep.append(cpu_all)
+            cases.append(runner.Case(f"ours cpu w{cores} (all cores)", epoch_fn(cpu_all, args.device), group, args.device))
+            try:
+                dali = make_loader(root, image_size=SIZE, batch_size=BATCH, train=True, backend="dali",
+                                   num_workers=4, device=args.device)
+            except MissingDependency as exc:
+                print(f"{group}: DALI case left out: {exc}")
+                continue
+            keep.append(dali)
+            cases.append(runner.Case("ours dali mixed", epoch_fn(dali, args.device), group, args.device))
             continue
         w = args.workers
         tv = torch.utils.data.DataLoader(TorchvisionDataset(records), batch_size=BATCH, shuffle=True,
@@ -239,8 +251,8 @@ def main() -> None:
                                    backend="dali", num_workers=w, device="cpu")
             keep.append(dali_cpu)
             cases.append(runner.Case(f"ours dali-cpu {w} threads", epoch_fn(dali_cpu), group))
-        except ImportError:
-            pass
+        except MissingDependency as exc:
+            print(f"{group}: DALI CPU case left out: {exc}")
         sub = records[: counts[name]]
         dgroup = f"{group} decode-only"  # the limit: not the same output, so no speedup ratio
         cases.append(runner.Case("decode alone (simplejpeg, 1 proc)", decode_fn(sub, False), dgroup))

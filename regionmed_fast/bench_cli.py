@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 
-def cli_main(argv: list[str]) -> int:
+def bench_main(argv: list[str]) -> int:
+    """``regionmed-fast bench ARGS``: ``python benchmarks/run_all.py ARGS``; returns its status."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(here, "benchmarks", "run_all.py")
     if not os.path.exists(script):

@@ -9,7 +9,7 @@ from regionmed_fast.errors import UserError
 
 # subcommand -> ("module:function", one-line help); each function takes argv (list[str]).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "info": ("regionmed_fast.info:cli_main", "show versions and which op backends can run here"),
+    "info": ("regionmed_fast.info:info_main", "show versions and which op backends can run here"),
     "synth": ("regionmed_fast.data.synthetic:cli_main", "write the synthetic phantom dataset"),
     "validate": ("regionmed_fast.data.cli:validate_main", "check a dataset folder, report file:line"),
     "shard": ("regionmed_fast.data.cli:shard_main", "write WebDataset .tar shards of a dataset"),
@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("regionmed_fast.train.cli:train_main", "progressive training from a stages YAML"),
     "demo": ("regionmed_fast.apps.demo:cli_main", "synthetic data, train region-aware vs global, compare"),
     "eval": ("regionmed_fast.eval.cli:eval_main", "retrieval, zero-shot, grounding, VQA with a report"),
-    "bench": ("regionmed_fast.bench_cli:cli_main", "run the benchmark suite (benchmarks/run_all.py)"),
+    "bench": ("regionmed_fast.bench_cli:bench_main", "run the benchmark suite (benchmarks/run_all.py)"),
 }
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 
 import torch
 
@@ -28,7 +29,7 @@ def collect() -> dict:
         "ops": {op: {**t.describe(), "status": {d: t.report(d) for d in devices}}
                 for op, t in _backend.all_tables().items()},
     }
-    try:  # optional, and ~0.6 s to import: only here, not at the top
+    try:  # optional; imported only here for its cost (docs/roi.md, "Import cost")
         import triton
 
         info["triton"] = triton.__version__
@@ -39,7 +40,8 @@ def collect() -> dict:
     return info
 
 
-def main() -> None:
+def print_report() -> None:
+    """Print :func:`collect` as aligned text, one block per op and backend."""
     info = collect()
     ops = info.pop("ops")
     width = max(len(k) for k in info)
@@ -55,14 +57,14 @@ def main() -> None:
                 print(f"  {'':<12}   on {device}: {status[name]}")
 
 
-if __name__ == "__main__":
-    main()
-
-
-def cli_main(argv: list[str]) -> int:
+def info_main(argv: list[str]) -> int:
     """``regionmed-fast info`` (``--json`` for machine-readable output)."""
     if "--json" in argv:
         print(json.dumps(collect(), indent=2))
     else:
-        main()
+        print_report()
     return 0
+
+
+if __name__ == "__main__":
+    info_main(sys.argv[1:])

@@ -38,3 +38,11 @@ def test_require_names_the_extra():
     with pytest.raises(MissingDependency, match=r"the demo needs the package 'no_such_pkg_xyz'.*"
                                                 r"pip install 'regionmed-fast\[text\]'"):
         require("no_such_pkg_xyz", extra="text", purpose="the demo")
+
+
+def test_timm_backbone_without_timm_names_the_extra(monkeypatch):
+    from regionmed_fast.model.vit import TimmBackbone, VisionConfig
+    monkeypatch.setitem(sys.modules, "timm", None)  # import of timm now fails as if absent
+    with pytest.raises(MissingDependency, match=r"vision.timm='vit_tiny_patch16_224' needs the "
+                                                r"package 'timm'.*regionmed-fast\[timm\]"):
+        TimmBackbone(VisionConfig(timm="vit_tiny_patch16_224"))

@@ -85,7 +85,7 @@ def test_csv_xywh_and_bad_header(tmp_path, images):
     assert _ok(str(tmp_path / "o"))[0]["regions"][0]["bbox"] == [1.0, 2.0, 11.0, 12.0]
     bad = tmp_path / "bad.csv"
     bad.write_text("file,x1\n")
-    with pytest.raises(ValueError, match=r"bad.csv:1: CSV needs a header row with an 'image' column"):
+    with pytest.raises(ValueError, match=r"bad.csv:1: no image column 'image' in the header file,x1; name the columns with --columns"):
         convert("csv", str(bad), images=images, out=str(tmp_path / "o2"))
 
 

@@ -43,6 +43,18 @@ def test_info_command_prints_every_op_table_as_the_ops_resolve():
         assert ops["roi"]["status"]["cpu"]["cpp"] == "ok"
 
 
+
+def test_info_text_names_every_backend_and_its_status(capsys):
+    from regionmed_fast import info
+
+    assert info.info_main([]) == 0
+    text = capsys.readouterr().out
+    for op, table in _backend.all_tables().items():
+        assert f"\n{op}: auto on cpu: " in text
+        for name in table.backends:
+            status = table.report("cpu")[name]
+            assert f"  {name:<12} " in text and f"on cpu: {status}" in text
+
 def _table():
     def missing(device):
         return "kernels not built"

@@ -10,7 +10,8 @@ def validate_main(argv: list[str]) -> int:
 
 
 def convert_main(argv: list[str]) -> int:
-    """``regionmed-fast convert --from coco|csv|triplets FILE --images DIR --out DIR``."""
+    """``regionmed-fast convert --from coco|csv|triplets|chestxray14|vindr|rsna FILE --images DIR
+    --out DIR [--columns KEY=COL,...]``."""
     from .convert import convert_main as main
 
     return main(argv)

@@ -1,14 +1,19 @@
-"""Converters to the manifest format: ``regionmed-fast convert --from coco|csv|triplets FILE
---images DIR --out DIR``.
+"""Converters to the manifest format: ``regionmed-fast convert --from
+coco|csv|triplets|chestxray14|vindr|rsna FILE --images DIR --out DIR``.
 
 Inputs:
   coco      COCO detection JSON: ``images`` [{id, file_name, width?, height?}],
             ``annotations`` [{image_id, bbox [x, y, w, h], category_id}], ``categories``
             [{id, name}]; caption annotations ({image_id, caption}) in the same file or in
             ``--captions FILE`` become image texts.
-  csv       one box per row with a header: ``image, x1, y1, x2, y2, label[, text]`` (the
-            ChestX-ray14 / VinDr-CXR style; ``--box-format xywh`` reads x, y, w, h). A row with
-            empty coordinates adds its label to the image without a region ("No Finding").
+  csv       one box per row with a header: ``image, x1, y1, x2, y2[, label][, text]``
+            (``--box-format xywh`` reads x, y, w, h; ``--columns image=COL,x1=COL,...`` maps
+            other headers, data/tables.py). A row with empty coordinates adds its label to the
+            image without a region ("No Finding").
+  chestxray14, vindr, rsna
+            the published box tables (ChestX-ray14 ``BBox_List_2017.csv``, VinDr-CXR
+            ``train.csv``, RSNA Pneumonia ``stage_2_train_labels.csv``): presets of the csv
+            reader, checked against their headers (data/tables.py).
   triplets  (image, ROI box, description) as in MedTrinity-25M: JSONL lines
             ``{"image", "bbox", "text"|"caption"|"description", "label"?}`` or a CSV with
             columns ``image, x1, y1, x2, y2, text[, label]``.
@@ -17,7 +22,8 @@ Templates (documented, overridable with ``--region-template`` / ``--image-templa
   region text = REGION_TEMPLATE.format(name=<category or label>)  default "{name}"
   image text (when the input has no caption/text) =
       IMAGE_TEMPLATE.format(findings=<names joined as "a, b and c">)
-      default "medical image showing {findings}."; with no findings: NO_FINDING_TEXT.
+      default "medical image showing {findings}."; with no findings (or only a "No finding"
+      label): NO_FINDING_TEXT.
   For triplets, the image text is the image's descriptions joined with spaces (in order).
 
 Images: width/height are read from the files under ``--images``; image paths in the manifest
@@ -34,10 +40,13 @@ import os
 from collections import OrderedDict
 
 from .manifest import ANNOTATIONS, image_size
+from .tables import IMAGE_EXTS, PRESETS, Columns, from_table, parse_columns
 
 REGION_TEMPLATE = "{name}"
 IMAGE_TEMPLATE = "medical image showing {findings}."
 NO_FINDING_TEXT = "medical image with no annotated finding."
+NO_FINDING_LABELS = frozenset({"no finding", "no findings", "normal"})
+KINDS = ("coco", "csv", "triplets", *PRESETS)
 
 
 def join_names(names: list[str]) -> str:
@@ -105,7 +114,7 @@ class _Builder:
         out = []
         for rec in self.records.values():
             if not rec["text"]:
-                names = rec["labels"]
+                names = [n for n in rec["labels"] if n.lower() not in NO_FINDING_LABELS]
                 rec["text"] = (self.image_template.format(findings=join_names(names))
                                if names else NO_FINDING_TEXT)
             rec["source"] = rec["source"] or source
@@ -168,25 +177,6 @@ def _csv_rows(path: str):
             yield no, {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
 
 
-def from_csv(path: str, b: _Builder, box_format: str = "xyxy") -> None:
-    for no, row in _csv_rows(path):
-        where = f"{path}:{no}"
-        rec = b.image(row["image"], where)
-        if rec is None:
-            continue
-        label = row.get("label", "")
-        try:
-            box = _box_from_row(row, box_format)
-        except ValueError:
-            b.problems.append(f"{where}: non-numeric box (skipped)")
-            continue
-        if box is None:
-            if label and label not in rec["labels"]:
-                rec["labels"].append(label)
-            continue
-        b.region(rec, box, label, row.get("text") or None, where)
-
-
 def from_triplets(path: str, b: _Builder, box_format: str = "xyxy") -> None:
     texts: dict[str, list[str]] = {}
     if path.endswith(".csv"):
@@ -234,11 +224,17 @@ def from_triplets(path: str, b: _Builder, box_format: str = "xyxy") -> None:
 
 def convert(kind: str, path: str, *, images: str, out: str, captions: str | None = None,
             box_format: str = "xyxy", region_template: str = REGION_TEMPLATE,
-            image_template: str = IMAGE_TEMPLATE) -> tuple[str, int, list[str]]:
-    """Convert ``path`` of ``kind`` ("coco", "csv", "triplets") into ``out/annotations.jsonl``.
+            image_template: str = IMAGE_TEMPLATE, columns: str | Columns | None = None,
+            image_exts: tuple[str, ...] = IMAGE_EXTS) -> tuple[str, int, list[str]]:
+    """Convert ``path`` of ``kind`` (:data:`KINDS`) into ``out/annotations.jsonl``.
+    ``columns``: the csv column mapping (data/tables.py; a ``"key=COL,..."`` string or
+    :class:`Columns`); ``image_exts``: tried for image names without an extension.
     Returns (manifest path, records written, problems found in the input)."""
-    if kind not in ("coco", "csv", "triplets"):
-        raise ValueError(f"--from must be coco, csv or triplets, got {kind!r}")
+    if kind not in KINDS:
+        raise ValueError(f"--from must be one of {', '.join(KINDS)}, got {kind!r}")
+    image_exts = tuple(e if e.startswith(".") else "." + e for e in image_exts)
+    if columns is not None and kind != "csv":
+        raise ValueError(f"--columns is for --from csv (--from {kind} knows its columns)")
     if box_format not in ("xyxy", "xywh"):
         raise ValueError(f"box format must be xyxy or xywh, got {box_format!r}")
     if not os.path.isfile(path):
@@ -250,7 +246,11 @@ def convert(kind: str, path: str, *, images: str, out: str, captions: str | None
     if kind == "coco":
         from_coco(path, b, captions)
     elif kind == "csv":
-        from_csv(path, b, box_format)
+        cols = (columns if isinstance(columns, Columns) else
+                parse_columns(columns or "", box_format))
+        from_table(path, b, cols, image_exts=image_exts)
+    elif kind in PRESETS:
+        from_table(path, b, PRESETS[kind], preset=kind, image_exts=image_exts)
     else:
         from_triplets(path, b, box_format)
     records = b.finish(f"converted from {kind} {os.path.basename(path)}")
@@ -268,12 +268,18 @@ def convert_main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="regionmed-fast convert", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from", dest="kind", required=True, choices=("coco", "csv", "triplets"))
+    ap.add_argument("--from", dest="kind", required=True, choices=KINDS)
     ap.add_argument("file", help="input annotation file")
     ap.add_argument("--images", required=True, help="folder the input's image names are relative to")
     ap.add_argument("--out", required=True, help="output dataset folder (annotations.jsonl)")
     ap.add_argument("--captions", default=None, help="COCO captions JSON (coco only)")
     ap.add_argument("--box-format", default="xyxy", choices=("xyxy", "xywh"), help="csv/triplets boxes")
+    ap.add_argument("--columns", default=None,
+                    help="csv only: KEY=COLUMN,... (image, x1,y1,x2,y2 or x,y,w,h, label, text, "
+                         "patient_id, other region fields; COLUMN a header name or #N)")
+    ap.add_argument("--image-ext", action="append", default=None,
+                    help="extension tried for image names without one (repeatable; default "
+                         + " ".join(IMAGE_EXTS) + ")")
     ap.add_argument("--region-template", default=REGION_TEMPLATE)
     ap.add_argument("--image-template", default=IMAGE_TEMPLATE)
     args = ap.parse_args(argv)
@@ -281,7 +287,8 @@ def convert_main(argv: list[str]) -> int:
         dest, n, problems = convert(args.kind, args.file, images=args.images, out=args.out,
                                     captions=args.captions, box_format=args.box_format,
                                     region_template=args.region_template,
-                                    image_template=args.image_template)
+                                    image_template=args.image_template, columns=args.columns,
+                                    image_exts=tuple(args.image_ext or IMAGE_EXTS))
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}")
         return 2

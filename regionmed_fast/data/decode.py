@@ -1,10 +1,12 @@
-"""CPU image decoding: the fastest decoder measured here, with reduced-size JPEG decoding.
+"""CPU image decoding: the fastest decoder measured (docs/data.md), with reduced-size JPEG
+decoding.
 
 JPEG: simplejpeg (libjpeg-turbo) when installed, else Pillow. Both can decode at a reduced scale
 (libjpeg's DCT scaling; Pillow's ``draft``), which skips most of the inverse DCT when the crop
 will be shrunk anyway. ``min_size`` asks for the smallest scale whose decoded image is still at
 least that big, so a crop resized to the target is never upsampled by the reduction;
-:func:`reduced_min_size` restricts that to 1/2, 1/4, 1/8, the scales that are actually faster. PNG and other formats: Pillow. Greyscale, palette and CMYK
+:func:`reduced_min_size` restricts that to 1/2, 1/4, 1/8, the scales that are actually faster.
+PNG and other formats: Pillow. Greyscale, palette and CMYK
 images come out as RGB. Benchmarks: ``benchmarks/bench_data.py``.
 """
 from __future__ import annotations
@@ -40,8 +42,8 @@ def _decode_pil(data: bytes, min_size: tuple[int, int] | None) -> np.ndarray:
 def reduced_min_size(width: int, height: int, min_w: int, min_h: int) -> tuple[int, int] | None:
     """The decode size to ask for: the largest power-of-two reduction (1/8, 1/4, 1/2) whose
     image is still at least ``min_w x min_h``, or None for a full-size decode. Only these scales
-    are worth it: libjpeg-turbo's other M/8 scales use slow generic IDCTs (measured here: a
-    5/8-scale decode is about 2x slower than the full-size one)."""
+    are worth it: libjpeg-turbo's other M/8 scales use slow generic IDCTs (slower than a
+    full-size decode: docs/data.md)."""
     for k in (8, 4, 2):
         w, h = -(-width // k), -(-height // k)
         if w >= min_w and h >= min_h:

@@ -1,4 +1,4 @@
-"""Read and validate dataset manifests (DESIGN.md section 6).
+"""Read and validate dataset manifests (docs/design.md section 5.1).
 
 A dataset is a folder with ``annotations.jsonl`` (one JSON object per image) and the images it
 names. Every problem is a :class:`Problem` naming the file and the 1-based line at fault.
@@ -80,6 +80,13 @@ class ManifestError(UserError, ValueError):
     def __init__(self, problem: Problem):
         super().__init__(str(problem))
         self.problem = problem
+
+    def __reduce__(self):  # the same error again after crossing a worker process boundary
+        return type(self), (self.problem,)
+
+
+class DataError(UserError, ValueError):
+    """A dataset or loader argument that cannot be used (the message names it)."""
 
 
 @dataclass
@@ -231,31 +238,37 @@ def manifest_path(root: str, name: str = ANNOTATIONS) -> tuple[str, str]:
     return root, os.path.join(root, name)
 
 
-def scan_manifest(root: str, *, images: str = "header", name: str = ANNOTATIONS) -> tuple[ManifestReport, list[tuple[int, str, dict | None, list[Problem]]]]:
-    """Check every line; return the report (all problems, every record error counted as
-    skipped) and per-line details ``(line, raw text, record or None, problems)`` for --fix."""
+def iter_manifest(root: str, *, images: str = "header", name: str = ANNOTATIONS):
+    """``(line, raw text, record or None, problems)`` for each non-blank line of the manifest,
+    one at a time (a loader packs records as they come instead of holding them all)."""
     root, path = manifest_path(root, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no manifest (a dataset folder needs {name})")
-    rep = ManifestReport()
-    details = []
     for no, text in iter_lines(path):
-        rep.lines += 1
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            p = Problem(path, no, BAD_JSON, f"not valid JSON: {exc.msg} at column {exc.colno}")
-            rep.problems.append(p)
-            rep.skipped += 1
-            details.append((no, text, None, [p]))
+            yield no, text, None, [Problem(path, no, BAD_JSON,
+                                           f"not valid JSON: {exc.msg} at column {exc.colno}")]
             continue
         rec, probs = check_record(obj, root, path, no, images=images)
+        if rec is not None:
+            rec["_line"] = no
+            rec["_file"] = path
+        yield no, text, rec, probs
+
+
+def scan_manifest(root: str, *, images: str = "header", name: str = ANNOTATIONS) -> tuple[ManifestReport, list[tuple[int, str, dict | None, list[Problem]]]]:
+    """Check every line; return the report (all problems, every record error counted as
+    skipped) and per-line details ``(line, raw text, record or None, problems)`` for --fix."""
+    rep = ManifestReport()
+    details = []
+    for no, text, rec, probs in iter_manifest(root, images=images, name=name):
+        rep.lines += 1
         rep.problems.extend(probs)
         if rec is None:
             rep.skipped += 1
         else:
-            rec["_line"] = no
-            rec["_file"] = path
             rep.records.append(rec)
         details.append((no, text, rec, probs))
     return rep, details

@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 
+from regionmed_fast.errors import UserError
+
 SPLITS = ("train", "val", "test")
 #: Default share of groups (not records) that go to ``test``.
 TEST_FRACTION = 0.3
@@ -35,11 +37,15 @@ _ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
             "validation": "val", "dev": "val", "test": "test", "eval": "test"}
 
 
+class SplitError(UserError, ValueError):
+    """An unknown split name, or fractions that leave nothing to train on."""
+
+
 def normalize_split_name(name: str, where: str = "split") -> str:
     """``"validation"`` -> ``"val"`` etc.; an unknown name is an error naming ``where``."""
     key = str(name).strip().lower()
     if key not in _ALIASES:
-        raise ValueError(f"{where}: unknown split {name!r}; expected one of {SPLITS} "
+        raise SplitError(f"{where}: unknown split {name!r}; expected one of {SPLITS} "
                          f"(or an alias: {sorted(set(_ALIASES) - set(SPLITS))})")
     return _ALIASES[key]
 
@@ -61,12 +67,12 @@ def group_hash(group: str) -> float:
     return int(hashlib.sha1(group.encode("utf-8")).hexdigest()[:13], 16) / float(16 ** 13)
 
 
-def _check_fractions(test_fraction: float, val_fraction: float) -> None:
+def check_fractions(test_fraction: float, val_fraction: float) -> None:
     for name, v in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be a number in [0, 1), got {v!r}")
+            raise SplitError(f"{name} must be a number in [0, 1), got {v!r}")
     if test_fraction + val_fraction >= 1.0:
-        raise ValueError(f"test_fraction + val_fraction must be < 1 (nothing left to train on), "
+        raise SplitError(f"test_fraction + val_fraction must be < 1 (nothing left to train on), "
                          f"got {test_fraction} + {val_fraction}")
 
 
@@ -90,7 +96,7 @@ def select_split(records: Sequence[dict], split: str | Iterable[str] | None, *,
                  val_fraction: float = VAL_FRACTION) -> list[dict]:
     """The records of ``split`` (a name, several names, or ``None``/``"all"`` for every record),
     in manifest order."""
-    _check_fractions(test_fraction, val_fraction)
+    check_fractions(test_fraction, val_fraction)
     if split is None or split == "all":
         return list(records)
     names = [split] if isinstance(split, str) else list(split)
@@ -104,7 +110,7 @@ def split_counts(records: Sequence[dict], *, group_key: str | None = None,
                  test_fraction: float = TEST_FRACTION,
                  val_fraction: float = VAL_FRACTION) -> dict[str, int]:
     """Records per split (for logs and reports)."""
-    _check_fractions(test_fraction, val_fraction)
+    check_fractions(test_fraction, val_fraction)
     out = dict.fromkeys(SPLITS, 0)
     for r in records:
         out[record_split(r, group_key=group_key, test_fraction=test_fraction,

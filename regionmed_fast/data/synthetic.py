@@ -13,7 +13,7 @@ upper zone") is built from the drawn kind, size and place, and the image text li
 so telling two images apart often needs the small lesions (a few pixels at 128 px). Each image is
 drawn from its own seed (``seed``, index), so image ``i`` is the same whatever ``n`` is.
 
-The folder follows DESIGN.md section 6 (``images/*.png`` + ``annotations.jsonl``, plus a
+The folder follows docs/design.md section 5.1 (``images/*.png`` + ``annotations.jsonl``, plus a
 ``qa.jsonl`` of yes/no and location questions). Per region extra keys: ``kind``, ``location``,
 ``size_px`` (diameter or extent in pixels of the stored image), ``size_mm``, ``size_class``
 (``small``/``medium``/``large`` by ``size_px / image side``: < 0.08, < 0.2, else); per image:
@@ -429,7 +429,7 @@ def make_example(index: int, size: int = 128, seed: int = 0,
                  modality: str | None = None) -> tuple[np.ndarray, dict]:
     """Draw phantom ``index`` of dataset ``seed``: (uint8 image [size, size, 3], record).
 
-    The record is a DESIGN.md section 6 manifest line without the ``image`` key.
+    The record is a docs/design.md section 5.1 manifest line without the ``image`` key.
     """
     if size < 32:
         raise ValueError(f"size must be >= 32 pixels, got {size}")

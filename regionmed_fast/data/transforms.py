@@ -18,7 +18,8 @@ follow them.
 
 Training: window area uniform in ``scale`` (default 0.5-1.0 of the image) and aspect ratio
 log-uniform in ``ratio`` (3/4-4/3), as torchvision's RandomResizedCrop (10 tries, then the
-largest centred window of clamped ratio); flip with probability 0.5. Evaluation: the whole image
+largest centred window of clamped ratio); flip with probability 0.5 (the texts' side words are
+swapped with it, data/sides.py). Evaluation: the whole image
 resized to ``S x S`` (no crop, so no box is ever lost; the aspect ratio is not kept).
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 @dataclass(frozen=True)
 class Augment:
     """Training augmentation settings: crop area range, aspect-ratio range, flip probability
-    (set ``flip_p=0`` where laterality words in the texts must stay true to the image side)."""
+    (a flip swaps the side words of the texts, so it is on by default)."""
 
     scale: tuple[float, float] = TRAIN_SCALE
     ratio: tuple[float, float] = TRAIN_RATIO
@@ -67,9 +68,10 @@ class CropParams:
     flip: bool
 
 
-def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The generator of one sample's geometry; identical in every process and backend."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), int(index)])
+def sample_rng(seed: int, epoch: int, index: int, stage: int = 0) -> np.random.Generator:
+    """The generator of one sample's geometry, a pure function of (seed, stage, epoch, index):
+    identical in every process and backend, and on resume."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(stage), int(epoch), int(index)])
 
 
 def sample_crop(rng: np.random.Generator, width: int, height: int, *, train: bool,
@@ -140,9 +142,9 @@ def crop_resize_flip(img: np.ndarray, p: CropParams, size: int, *, scale_x: floa
 
     ``scale_x``/``scale_y``: how much smaller ``img`` is than the stored image (a reduced-size
     decode). Full-size images take torch's antialiased bilinear uint8 resize of the integer
-    window (the AVX2 kernel; about 4x faster than Pillow here). Reduced decodes, whose window is
-    fractional in decoded pixels, take Pillow's resize with a float source box, so the geometry
-    is the same either way. Both follow Pillow's antialias filter.
+    window (faster than Pillow's: docs/data.md gives the measurement). Reduced decodes, whose
+    window is fractional in decoded pixels, take Pillow's resize with a float source box, so the
+    geometry is the same either way. Both follow Pillow's antialias filter.
     """
     if scale_x == 1.0 and scale_y == 1.0:
         with warnings.catch_warnings():  # Pillow's arrays are read-only; this only reads
@@ -152,7 +154,7 @@ def crop_resize_flip(img: np.ndarray, p: CropParams, size: int, *, scale_x: floa
         out = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear",
                                               antialias=True, align_corners=False)[0]
         out = out.numpy()
-        # numpy, not torch.flip: torch's threaded copy was 500x slower on a busy 2-core machine.
+        # numpy, not torch.flip: torch's threaded copy is slow when workers hold the cores.
         return np.ascontiguousarray(out[:, :, ::-1]) if p.flip else out
     from PIL import Image
 
@@ -171,8 +173,8 @@ def normalize_uint8_batch(images: torch.Tensor, mean=CLIP_MEAN, std=CLIP_STD) ->
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
     if images.device.type == "cpu":
-        # numpy is single-threaded: 5 ms for 32x3x224x224 where torch's OpenMP pool took 24 ms
-        # when the DataLoader workers occupy the cores.
+        # numpy is single-threaded: torch's OpenMP pool stalls when the DataLoader workers
+        # occupy the cores (docs/data.md).
         sc = np.array([1.0 / (255.0 * s) for s in std], np.float32).reshape(1, 3, 1, 1)
         sh = np.array([-m / s for m, s in zip(mean, std)], np.float32).reshape(1, 3, 1, 1)
         out = images.numpy().astype(np.float32)

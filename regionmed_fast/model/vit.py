@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from regionmed_fast.errors import MissingDependency
+from regionmed_fast.errors import require
 
 
 @dataclass
@@ -180,12 +180,8 @@ class TimmBackbone(nn.Module):
 
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
-        try:
-            import timm  # optional: only timm backbones need it
-        except ImportError:
-            raise MissingDependency(f"vision.timm={config.timm!r} needs the package 'timm', "
-                                    "which is not installed; install it with: pip install timm"
-                                    ) from None
+        # optional: only timm backbones need it
+        timm = require("timm", extra="timm", purpose=f"vision.timm={config.timm!r}")
         self.config = config
         kwargs = {"pretrained": False, "num_classes": 0, **config.timm_kwargs}
         if "vit" in config.timm or "deit" in config.timm or "eva" in config.timm:

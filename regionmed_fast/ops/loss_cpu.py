@@ -124,16 +124,48 @@ def _tile_logits(xc, yc, sc: float, r0, r1, c0, c1, buf) -> torch.Tensor:
     return t.addmm_(xc[r0:r1], yc[c0:c1].T, beta=0, alpha=sc)
 
 
-def _lse(t: torch.Tensor, buf: torch.Tensor, dim: int) -> torch.Tensor:
-    """log-sum-exp of a finite tile along ``dim`` using ``buf`` as scratch (no allocation)."""
+def tile_lse(t: torch.Tensor, buf: torch.Tensor, dim: int, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 log-sum-exp of a tile along ``dim`` (over ``keep`` only when given), ``buf`` as scratch.
+
+    The sum of ``exp(t - max)`` is fp32, the result ``max + log(sum)`` float64: rounded to fp32
+    it would carry an error of ``eps * |max|`` (1e-4 at logits ~2000), which ``exp(t - lse)``
+    in the backward turns into the same relative error of every gradient.
+    """
+    if keep is not None:
+        t = t.masked_fill(~keep, float("-inf"))
     mx = t.amax(dim, keepdim=True)
+    if keep is not None:  # a row without kept entries: its sum is 0, its LSE -inf
+        mx = mx.nan_to_num(neginf=0.0)
     e = buf[: t.numel()].view_as(t)
     torch.sub(t, mx, out=e).exp_()
-    return e.sum(dim).log_().add_(mx.squeeze(dim))
+    return e.sum(dim, dtype=torch.float64).log_().add_(mx.squeeze(dim))
 
 
-def _masked_lse(v: torch.Tensor, keep: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.logsumexp(v.masked_fill(~keep, float("-inf")), dim)
+def split_shift(shift: torch.Tensor, cd: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(hi, lo)`` in ``cd`` with ``hi + lo == shift`` to ~2x the precision of ``cd``.
+
+    ``exp((t - hi) - lo)`` keeps the precision of a float64 shift: ``t - hi`` is exact where it
+    matters (near the row's maximum) and ``lo`` is tiny. ``lo`` is None when ``shift`` has no
+    more precision than ``cd``; infinite shifts (a row that takes no part) get ``lo = 0``.
+    """
+    hi = shift.to(cd)
+    if shift.dtype.itemsize <= torch.empty((), dtype=cd).element_size():
+        return hi, None
+    lo = (shift - hi.to(shift.dtype)).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).to(cd)
+    return hi, lo
+
+
+def shift_slices(shift: tuple[torch.Tensor, torch.Tensor | None], idx) -> list:
+    """Per statistic, ``(hi[i][idx], lo[i][idx])`` of a :func:`split_shift` pair of ``[k, n]``."""
+    hi, lo = shift
+    return [(hi[i][idx], None if lo is None else lo[i][idx]) for i in range(hi.shape[0])]
+
+
+def exp_shifted(v: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    torch.sub(v, hi, out=out)
+    if lo is not None:
+        out.sub_(lo)
+    return out.exp_()
 
 
 def _prepare(x, y, scale, tile):
@@ -151,33 +183,55 @@ def softmax_stats(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, gi: tor
 
     ``beta == 0``: ``[1, n]`` and ``[1, M]`` log-sum-exps of ``t``. ``beta > 0`` (HN-NCE):
     ``[3, .]`` = LSE over positives of ``t``, over negatives of ``(1+beta) t`` and of ``beta t``
-    (``gi [n]``, ``gt [M]`` are group ids; equal ids are positives).
+    (``gi [n]``, ``gt [M]`` are group ids; equal ids are positives). float64 (see :func:`tile_lse`).
     """
     cd, xc, yc, sc, n, m, tile = _prepare(x, y, scale, tile)
     k = 1 if beta == 0.0 else 3
-    rows = torch.full((k, n), float("-inf"), dtype=cd, device=xc.device)
+    f64 = torch.float64
+    rows = torch.full((k, n), float("-inf"), dtype=f64, device=xc.device)
 
     def work(r0: int, r1: int, st: dict) -> None:
         tbuf, ebuf = _buffers(st, tile, cd, xc.device, 2)
-        cols = _acc(st, "cols", lambda: torch.full((k, m), float("-inf"), dtype=cd, device=xc.device))
+        cols = _acc(st, "cols", lambda: torch.full((k, m), float("-inf"), dtype=f64, device=xc.device))
         for c0 in range(0, m, tile[1]):
             c1 = min(c0 + tile[1], m)
             t = _tile_logits(xc, yc, sc, r0, r1, c0, c1, tbuf)
             if k == 1:
-                torch.logaddexp(rows[0, r0:r1], _lse(t, ebuf, 1), out=rows[0, r0:r1])
-                torch.logaddexp(cols[0, c0:c1], _lse(t, ebuf, 0), out=cols[0, c0:c1])
+                torch.logaddexp(rows[0, r0:r1], tile_lse(t, ebuf, 1), out=rows[0, r0:r1])
+                torch.logaddexp(cols[0, c0:c1], tile_lse(t, ebuf, 0), out=cols[0, c0:c1])
                 continue
             pos = gi[r0:r1, None] == gt[None, c0:c1]
             neg = ~pos
             for i, (v, keep) in enumerate(((t, pos), (t * (1.0 + beta), neg), (t * beta, neg))):
-                torch.logaddexp(rows[i, r0:r1], _masked_lse(v, keep, 1), out=rows[i, r0:r1])
-                torch.logaddexp(cols[i, c0:c1], _masked_lse(v, keep, 0), out=cols[i, c0:c1])
+                torch.logaddexp(rows[i, r0:r1], tile_lse(v, ebuf, 1, keep), out=rows[i, r0:r1])
+                torch.logaddexp(cols[i, c0:c1], tile_lse(v, ebuf, 0, keep), out=cols[i, c0:c1])
 
-    cols = torch.full((k, m), float("-inf"), dtype=cd, device=xc.device)
+    cols = torch.full((k, m), float("-inf"), dtype=f64, device=xc.device)
     for st in _over_row_blocks(n, tile[0], work, first={"cols": cols})[1:]:
         if "cols" in st:
             torch.logaddexp(cols, st["cols"], out=cols)
     return rows, cols
+
+
+def tile_softmax_grad(t: torch.Tensor, rsh, csh, pos: torch.Tensor | None, beta: float,
+                      g: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``G`` of one logits tile into ``g`` (``e``: scratch of the same shape; ``t`` unchanged).
+
+    ``rsh`` / ``csh``: per statistic ``(hi, lo)`` shifts broadcastable to the tile (rows
+    ``[r, 1]``, columns ``[1, c]``; see :func:`split_shift`); ``pos``: the positives mask
+    (HN-NCE only). The formula is :func:`softmax_grads`'.
+    """
+    if beta == 0.0:
+        exp_shifted(t, *rsh[0], g)
+        return g.add_(exp_shifted(t, *csh[0], e))
+    g.zero_()
+    tb, tc = t * (1.0 + beta), t * beta
+    for sh in (rsh, csh):
+        on_pos = exp_shifted(t, *sh[0], torch.empty_like(t))
+        on_neg = exp_shifted(tb, *sh[1], torch.empty_like(t)).mul_(1.0 + beta)
+        on_neg.sub_(exp_shifted(tc, *sh[2], e).mul_(beta))
+        g.add_(torch.where(pos, on_pos, on_neg))
+    return g
 
 
 def softmax_grads(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, gi: torch.Tensor | None,
@@ -189,29 +243,23 @@ def softmax_grads(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, gi: tor
     ``beta == 0``: ``G_ij = exp(t_ij - row_shift[0, i]) + exp(t_ij - col_shift[0, j])``.
     ``beta > 0``: on positives ``exp(t - s0)``, on negatives
     ``(1+beta) exp((1+beta) t - s1) - beta exp(beta t - s2)``, per row plus per column.
+    float64 shifts keep their precision (:func:`split_shift`); ``+inf`` drops a row / column.
     """
     cd, xc, yc, sc, n, m, tile = _prepare(x, y, scale, tile)
     d = yc.shape[1]
     gx = torch.zeros(n, d, dtype=cd, device=xc.device)
-    rs, cs = row_shift.to(cd), col_shift.to(cd)
+    rs, cs = split_shift(row_shift, cd), split_shift(col_shift, cd)
 
     def work(r0: int, r1: int, st: dict) -> None:
-        tbuf, gbuf = _buffers(st, tile, cd, xc.device, 2)
+        tbuf, gbuf, ebuf = _buffers(st, tile, cd, xc.device, 3)
         gy = _acc(st, "gy", lambda: torch.zeros(m, d, dtype=cd, device=xc.device))
+        rsh = shift_slices(rs, (slice(r0, r1), None))
         for c0 in range(0, m, tile[1]):
             c1 = min(c0 + tile[1], m)
             t = _tile_logits(xc, yc, sc, r0, r1, c0, c1, tbuf)
-            g = gbuf[: t.numel()].view_as(t)
-            if beta == 0.0:
-                torch.sub(t, rs[0, r0:r1, None], out=g).exp_()
-                g.add_(t.sub_(cs[0, None, c0:c1]).exp_())
-            else:
-                pos = gi[r0:r1, None] == gt[None, c0:c1]
-                g.zero_()
-                for sh in (rs[:, r0:r1, None], cs[:, None, c0:c1]):
-                    on_pos = torch.exp(t - sh[0])
-                    on_neg = (1.0 + beta) * torch.exp((1.0 + beta) * t - sh[1]) - beta * torch.exp(beta * t - sh[2])
-                    g.add_(torch.where(pos, on_pos, on_neg))
+            csh = shift_slices(cs, (None, slice(c0, c1)))
+            pos = None if beta == 0.0 else gi[r0:r1, None] == gt[None, c0:c1]
+            g = tile_softmax_grad(t, rsh, csh, pos, beta, gbuf[: t.numel()].view_as(t), ebuf[: t.numel()].view_as(t))
             gx[r0:r1].addmm_(g, yc[c0:c1])
             gy[c0:c1].addmm_(g.T, xc[r0:r1], alpha=sc)
 
@@ -230,10 +278,10 @@ def sigmoid_sum(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: tor
 
     def work(r0: int, r1: int, st: dict) -> None:
         (tbuf,) = _buffers(st, tile, cd, xc.device, 1)
-        total = _acc(st, "total", lambda: torch.zeros((), dtype=cd, device=xc.device))
+        total = _acc(st, "total", lambda: torch.zeros((), dtype=torch.float64, device=xc.device))
         for c0 in range(0, m, tile[1]):
             t = _tile_logits(xc, yc, sc, r0, r1, c0, min(c0 + tile[1], m), tbuf)
-            total += F.softplus(t.add_(b)).sum()
+            total += F.softplus(t.add_(b)).sum(dtype=torch.float64)
 
     return sum(st["total"] for st in _over_row_blocks(n, tile[0], work) if "total" in st)
 
@@ -250,16 +298,16 @@ def sigmoid_grads(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: t
     def work(r0: int, r1: int, st: dict) -> None:
         (tbuf,) = _buffers(st, tile, cd, xc.device, 1)
         gy = _acc(st, "gy", lambda: torch.zeros(m, d, dtype=cd, device=xc.device))
-        gsum = _acc(st, "gsum", lambda: torch.zeros((), dtype=cd, device=xc.device))
+        gsum = _acc(st, "gsum", lambda: torch.zeros((), dtype=torch.float64, device=xc.device))
         for c0 in range(0, m, tile[1]):
             c1 = min(c0 + tile[1], m)
             g = _tile_logits(xc, yc, sc, r0, r1, c0, c1, tbuf).add_(b).sigmoid_().mul_(coef)
-            gsum += g.sum()
+            gsum += g.sum(dtype=torch.float64)
             gx[r0:r1].addmm_(g, yc[c0:c1])
             gy[c0:c1].addmm_(g.T, xc[r0:r1], alpha=sc)
 
     gy = torch.zeros(m, d, dtype=cd, device=xc.device)
-    gsum = torch.zeros((), dtype=cd, device=xc.device)
+    gsum = torch.zeros((), dtype=torch.float64, device=xc.device)
     for st in _over_row_blocks(n, tile[0], work, first={"gy": gy, "gsum": gsum})[1:]:
         if "gy" in st:
             gy += st["gy"]

@@ -26,15 +26,18 @@ class GroupComm:
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
-    def _sizes(self, n: int) -> list[int]:
-        mine = torch.tensor([n], dtype=torch.int64, device=self.device)
+    def rank_sizes(self, n: int, m: int) -> tuple[list[int], list[int]]:
+        """Every rank's ``n`` and ``m`` (one collective)."""
+        mine = torch.tensor([n, m], dtype=torch.int64, device=self.device)
         out = [torch.zeros_like(mine) for _ in range(self.world)]
         dist.all_gather(out, mine, group=self.group)
-        return [int(s) for s in out]
+        return [int(o[0]) for o in out], [int(o[1]) for o in out]
 
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's ``t`` along dim 0 (first dims may differ), without grad."""
-        sizes = self._sizes(t.shape[0])
+    def gather(self, t: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+        """Concatenate every rank's ``t`` along dim 0 (first dims may differ: ``sizes``, every
+        rank's, asked for when not given), without grad."""
+        if sizes is None:
+            sizes = self.rank_sizes(t.shape[0], 0)[0]
         big = max(sizes)
         pad = t.new_zeros((big,) + tuple(t.shape[1:]))
         pad[: t.shape[0]] = t.detach()
@@ -52,7 +55,3 @@ class GroupComm:
         parts = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(parts, t.detach().contiguous(), group=self.group)
         return torch.logsumexp(torch.stack(parts), dim=0)
-
-    def offset(self, n: int) -> int:
-        """Index of this rank's first row in the concatenation of every rank's ``n`` rows."""
-        return sum(self._sizes(n)[: self.rank])
