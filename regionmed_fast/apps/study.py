@@ -110,7 +110,7 @@ class Setting:
 LEVERS = {
     "weights": ("region and fused loss weights", [{"region": 1.0, "fused": 1.0},
                                                   {"region": 2.0, "fused": 2.0}]),
-    "fused": ("fused loss on or off", [{"fused": 1.0}, {"fused": 0.0}]),
+    "fused": ("fused loss off", [{"fused": 0.0}]),
     "beta": ("hard-negative beta", [{"beta": 0.5}, {"beta": 0.0}]),
     "schedule": ("stage order (progressive, or every loss from the first step)",
                  [{"schedule": s} for s in SCHEDULES]),
@@ -489,17 +489,21 @@ class Study:
                 "per_seed_score": [score(r) for r in reg], "metrics": _mean_metrics(reg)}
 
     def select(self, groups: list[str], seeds) -> dict:
-        """Per dataset, greedy, group by group: the best validation score wins (ties: the
-        earlier candidate, so the default stays unless something beats it)."""
+        """Per dataset, greedy, group by group: each group's candidates are the setting chosen
+        so far and its variants; the best validation score wins (ties: the earlier candidate,
+        so the chosen setting stays unless something beats it)."""
         out = {}
         for ds in self.data:
             best = Setting()
             steps, cache = [], {}
             for g in groups:
                 title, cands = LEVERS[g]
-                tried = []
-                for c in cands:
-                    s = dataclasses.replace(best, **c)
+                tried, seen = [], []
+                # the setting chosen so far is always the first candidate (kept on a tie)
+                for s in [best] + [dataclasses.replace(best, **c) for c in cands]:
+                    if s in seen:
+                        continue
+                    seen.append(s)
                     if s not in cache:
                         cache[s] = self.evaluate_setting(ds, s, seeds)
                     tried.append(cache[s])

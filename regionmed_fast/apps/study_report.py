@@ -332,6 +332,16 @@ def summary_lines(res: dict) -> list[str]:
     return out
 
 
+def levers_sentence(res: dict) -> str:
+    """Which lever groups were chosen on val, from the results (none: the default setting)."""
+    sel = res["selection"]
+    groups = [] if "skipped" in sel else next(iter(sel["per_dataset"].values()))["groups"]
+    if not groups:
+        return "No lever was selected: every dataset ran the default setting"
+    return ("Levers chosen per dataset on a validation split carved out of the training data: "
+            + ", ".join(g["title"] for g in groups))
+
+
 def readme_paragraph(res: dict) -> str:
     """The README's summary of the study, from its results JSON."""
     st = res["study"]
@@ -350,9 +360,8 @@ def readme_paragraph(res: dict) -> str:
             f"{b['batch_size']}, {st['device']}) trains "
             "the region-aware model and the global-only baseline with the same budget on each "
             "dataset's training split and scores the held-out test split on the rows that use "
-            "no annotation. The levers (stage order and length, region and fused loss weights, "
-            "hard-negative beta) were chosen on a validation split carved out of the training "
-            f"data ({chosen}). Region-aware minus global-only, 95 % two-level paired "
+            f"no annotation. {levers_sentence(res)} ({chosen}). No region-to-global attention "
+            "lever exists (the global embedding never sees a region token). Region-aware minus global-only, 95 % two-level paired "
             "bootstrap interval over seeds and test images (points): " + "; ".join(parts)
             + ". Tables, loss curves, the lever results and the oracle-box rows: "
             "[docs/evaluation.md](docs/evaluation.md).")
