@@ -79,6 +79,9 @@ FROZEN = ["text"]  # the pretrained MiniLM tower stays fixed (cached); text_proj
 SELECT_SEEDS = (100, 101)  # disjoint from the final seeds
 FINAL_SEEDS = (0, 1, 2, 3, 4)
 TEST_FRACTION, VAL_FRACTION = 0.3, 0.15
+# the trainer's data path: part of every run's fingerprint, so runs of an earlier path (no
+# augmentation) are never reused
+PIPELINE = "data.make_loader: box-aware random resized crop, side-aware flips"
 
 SCHEDULES = {
     # name: [(stage, share of the steps)]; every stage after "global" adds the region loss,
@@ -133,6 +136,7 @@ class Budget:
     synthetic_n: int = 1000    # phantoms written for the synthetic set (train + test)
     synthetic_size: int = 128
     num_workers: int | None = None  # None: the trainer's default
+    cache_mb: int = 512        # decoded-sample cache of the training loader (per process)
     n_boot: int = 2000         # resamples of the study's intervals
 
     def to_dict(self) -> dict:
@@ -251,8 +255,14 @@ def run_config(setting: Setting, budget: Budget, seed: int, variant: str = REGIO
     cfg = RunConfig(stages=stages, model=budget.model, model_args=dict(budget.model_args),
                     image_size=budget.image_size, batch_size=budget.batch_size, seed=seed,
                     lr=budget.lr, weight_decay=0.05, precision="auto", save_every=10 ** 9,
-                    log_every=1, **kw)
+                    log_every=1, cache_mb=budget.cache_mb, **kw)
     return cfg.as_baseline() if variant == BASELINE else cfg
+
+
+def augmentation(budget: Budget) -> dict:
+    """The training augmentation every run of the study gets (from its RunConfig)."""
+    cfg = run_config(Setting(), budget, seed=0)
+    return {"pipeline": PIPELINE, "crop_scale": list(cfg.crop_scale), "flip_p": cfg.flip_p}
 
 
 def _curve(history: list[dict]) -> dict:
@@ -351,7 +361,8 @@ class Job:
     def fingerprint(self) -> dict:
         cfg = run_config(self.setting, self.budget, self.seed, self.variant)
         manifest = (self.data_dir / "annotations.jsonl").read_bytes()
-        return {"config": cfg.fingerprint(), "phase": self.phase, "eval_split": self.eval_split,
+        return {"config": cfg.fingerprint(), "pipeline": PIPELINE,
+                "phase": self.phase, "eval_split": self.eval_split,
                 "manifest_sha1": hashlib.sha1(manifest).hexdigest(),
                 "n_boot": self.budget.n_boot}
 
@@ -648,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"study": {"budget_name": args.budget, "budget": budget.to_dict(), "device": device,
                      "torch": torch.__version__, "threads": torch.get_num_threads(),
                      "datasets": study.info, "seeds": _ints(args.seeds), "frozen": FROZEN,
+                     "augmentation": augmentation(budget),
                      "tasks": list(TASKS), "resampling": RESAMPLING,
                      "wall_s": {"selection": t_select, "total": time.time() - t0},
                      "runs": study.n_runs},

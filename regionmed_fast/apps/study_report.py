@@ -67,8 +67,20 @@ def budget_line(res: dict) -> str:
             f"pretrained MiniLM text tower frozen and cached, `text_proj` trained), {b['steps']} "
             f"optimizer steps per run, batch {b['batch_size']}, {b['image_size']} px, lr "
             f"{b['lr']:g} (warm-up {b['warmup']:g} of each stage, cosine), fp32 on "
-            f"{st['device']} ({st['threads']} threads); no augmentation (the trainer's data path has "
-            f"none yet); settings chosen on val: {chosen}; final seeds {st['seeds']}.")
+            f"{st['device']} ({st['threads']} threads); {augmentation_text(st)}; settings chosen on "
+            f"val: {chosen}; final seeds {st['seeds']}.")
+
+
+def augmentation_text(st: dict) -> str:
+    """What the runs were trained with, from the results (older results carry no field: those
+    runs had no augmentation)."""
+    a = st.get("augmentation")
+    if not a:
+        return "no augmentation (the trainer's data path had none)"
+    lo, hi = a["crop_scale"]
+    return (f"augmentation: box-aware random resized crop (area {lo:g}-{hi:g}) and side-aware "
+            f"flips (p {a['flip_p']:g}; left/right words swapped with the image) through the "
+            "trainer's data.make_loader")
 
 
 def split_lines(res: dict) -> list[str]:
@@ -357,7 +369,7 @@ def readme_paragraph(res: dict) -> str:
     chosen = "; ".join(f"{ds} {f['setting_name']}" for ds, f in res["final"].items())
     return (f"The study (`scripts/real_data_eval.py --budget {st['budget_name']}`, "
             f"{len(st['seeds'])} seeds per model, {b['steps']} steps per run at batch "
-            f"{b['batch_size']}, {st['device']}) trains "
+            f"{b['batch_size']}, {st['device']}, {augmentation_text(st)}) trains "
             "the region-aware model and the global-only baseline with the same budget on each "
             "dataset's training split and scores the held-out test split on the rows that use "
             f"no annotation. {levers_sentence(res)} ({chosen}). No region-to-global attention "
