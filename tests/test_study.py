@@ -96,6 +96,11 @@ def test_printed_and_rendered_text_follows_the_intervals(tiny_study):
     assert len(lines) == 1 + len(res["final"]["synthetic"]["comparisons"])
     for ln, c in zip(lines[1:], res["final"]["synthetic"]["comparisons"]):
         assert ln.endswith(c["verdict"]) and "over 3 seeds" in ln
+    # the augmentation is stated from the results; results without the field had none
+    assert "augmentation: box-aware random resized crop" in R.budget_line(res)
+    old = json.loads(json.dumps(res))
+    del old["study"]["augmentation"]
+    assert "no augmentation" in R.budget_line(old)
     md = R.markdown(res, None)
     assert "oracle boxes" in md.split("## Oracle boxes")[1] and R.FIGURE_MISSING in md
     assert "No region-to-global attention lever exists" in md
