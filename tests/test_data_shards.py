@@ -141,3 +141,31 @@ def test_bad_sample_in_shards(tmp_path):
 def test_missing_shard_is_one_line(tmp_path):
     with pytest.raises(DataError, match="shard not found"):
         make_loader(str(tmp_path / "x-{0..3}.tar"), image_size=8, batch_size=1, train=False)
+
+
+def test_http_url_source_equals_local(sharded):
+    """Shards streamed from an http:// URL (webdataset's gopen, through curl) with the index
+    given: the same batches as the local shards."""
+    import functools
+    import shutil
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed (webdataset opens http:// URLs with it)")
+    _, sh, index = sharded
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=sh)
+    handler.log_message = lambda *a, **k: None
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        n = len(index["shards"])
+        url = f"http://127.0.0.1:{srv.server_port}/shard-{{000000..{n - 1:06d}}}.tar"
+        kw = dict(image_size=32, batch_size=3, train=True, num_workers=0, seed=1)
+        ref = list(make_loader(sh, **kw))
+        got = list(make_loader(url, index=os.path.join(sh, "shards.json"), **kw))
+        assert len(got) == len(ref) == 4
+        for x, y in zip(ref, got):
+            _same(x, y)
+    finally:
+        srv.shutdown()

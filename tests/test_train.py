@@ -16,7 +16,7 @@ import torch
 from regionmed_fast.train import checkpoint as ckpt
 from regionmed_fast.train.stages import StageFileError, load_run, parse_run
 
-from train_helpers import env, max_diff, run_dict, train_cmd, weights, write_yaml
+from train_helpers import MODEL_ARGS, env, max_diff, run_dict, train_cmd, weights, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,12 @@ def test_ddp_rank_without_boxes_beside_a_rank_with_some(tmp_path):
 
 # ---------------------------------------------------------------- SIGKILL + resume
 def test_sigkill_mid_stage_then_resume_gives_sameweights(tmp_path, synth):
-    d = run_dict(save_every=2)
+    # the frozen-text feature cache (model/text_cache.py) encodes each text in the batch where it
+    # is first seen, so a resumed process, which sees texts first in other batches, gets its
+    # cached features rounded differently (1.5e-6 in the weights after 20 steps); off, resume is
+    # bit-exact, and that is what this test holds the trainer to
+    d = run_dict(save_every=2, model_args={**MODEL_ARGS, "text": {"name": "tiny",
+                                                                  "cache_when_frozen": False}})
     d["stages"][1]["steps"] = 14  # a long middle stage to be killed in
     cfg = write_yaml(tmp_path / "s.yaml", d)
     full = subprocess.run(train_cmd(cfg, synth, str(tmp_path / "full")), env=env(),
@@ -173,7 +178,7 @@ def test_sigkill_mid_stage_then_resume_gives_sameweights(tmp_path, synth):
     assert "resumed from" in resumed.stdout
     a = weights(str(tmp_path / "full" / "checkpoints" / "last.pt"))
     b = weights(str(out / "checkpoints" / "last.pt"))
-    assert max_diff(a, b) < 1e-6
+    assert max_diff(a, b) == 0.0
     # the log holds each step exactly once
     steps = [json.loads(ln)["global_step"] for ln in log.read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 3 + 14 + 3

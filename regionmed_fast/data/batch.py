@@ -5,7 +5,8 @@ Every loader backend and evaluation build batches here: the CPU path and shards 
 :class:`SampleMaker` + :func:`collate` in their worker processes and :func:`finish_batch` in the
 main process, DALI with :func:`collate` of its host-side fields around the images its pipeline
 made, evaluation with :func:`build_batch` (``train=False``: the whole image resized, no flip).
-The batch format is docs/design.md section 5.4.
+The per-sample steps and :func:`collate` live in ``regionmed_fast.data.sample`` (which imports
+nothing from here: no import cycle); the batch format is docs/design.md section 5.4.
 """
 from __future__ import annotations
 

@@ -22,6 +22,7 @@ import re
 import tempfile
 from typing import Any
 
+import numpy as np
 import torch
 
 from regionmed_fast.errors import UserError
@@ -59,20 +60,15 @@ def atomic_save(obj: Any, path: str) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """The RNG states that training touches (python, numpy when present, torch, CUDA), as
+    """The RNG states that training touches (python, numpy, torch, CUDA), as
     tensors and numbers only."""
     version, words, gauss = random.getstate()
     state: dict[str, Any] = {"python": {"version": version, "state": torch.tensor(words, dtype=torch.int64),
                                         "gauss": gauss},
                              "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
-                          "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
-    except ImportError:
-        pass
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -84,8 +80,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
-        import numpy as np
-
         n = state["numpy"]
         np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"],
                              n["has_gauss"], n["cached"]))

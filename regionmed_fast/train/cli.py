@@ -21,6 +21,7 @@ import sys
 import time
 
 from regionmed_fast.train.stages import (StageFileError, builtin_config, load_run, validate_run)
+from regionmed_fast.train.trainer import NonFiniteLossError, Trainer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,8 +95,6 @@ def train_main(argv: list[str]) -> int:
         print(f"regionmed-fast train: {exc}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    from regionmed_fast.train.trainer import NonFiniteLossError, Trainer
-
     # errors that are the input's fault (a bad record, a checkpoint of another config, --data
     # that is no dataset) are UserErrors: the regionmed-fast command prints them as one line
     trainer = Trainer(cfg, args.data, out, resume=args.resume, device=args.device,

@@ -18,7 +18,9 @@ import re
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
+from regionmed_fast.ops.loss import chunked_clip_loss as loss_fn
 from regionmed_fast.train.stages import Stage
 
 _WS = re.compile(r"\s+")
@@ -78,8 +80,6 @@ def compute_losses(out: dict, batch: dict, stage: Stage, *, backend: str = "auto
     without an ROI processor is an error; a batch with no regions anywhere gives a region loss of
     zero that still touches the region parameters (so DDP sees the same graph on every rank).
     """
-    from regionmed_fast.ops.loss import chunked_clip_loss as loss_fn
-
     scale = out["logit_scale"]
     bias = out.get("logit_bias")
     beta = float(stage.hard_negative_beta)
@@ -123,8 +123,6 @@ def compute_losses(out: dict, batch: dict, stage: Stage, *, backend: str = "auto
 def _global_count(k: int, group, device) -> int:
     if group is None:
         return k
-    import torch.distributed as dist
-
     t = torch.tensor([k], dtype=torch.long, device=device)
     dist.all_reduce(t, group=group)
     return int(t.item())

@@ -7,6 +7,8 @@ import os
 import time
 from collections.abc import Callable
 
+from tqdm.auto import tqdm
+
 # step-record fields that are counters, not curves
 _NOT_CURVES = ("step", "global_step", "stage_index")
 
@@ -27,7 +29,7 @@ class RunLog:
                     from torch.utils.tensorboard import SummaryWriter
 
                     self._tb = SummaryWriter(os.path.join(out, "tb"))
-                except Exception as exc:  # tensorboard is an optional extra
+                except Exception as exc:  # imported here: tensorboard is an optional extra ([report])
                     say(f"tensorboard logging off ({type(exc).__name__}: {exc})")
 
     def restart(self, history: list[dict] | None = None) -> None:
@@ -67,8 +69,6 @@ class StageProgress:
         self._t, self._n = time.time(), 0
         self.bar = None
         if bar and total > start:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc=label, dynamic_ncols=True, leave=True)
 
     def due(self, step: int) -> bool:

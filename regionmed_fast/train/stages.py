@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+import yaml
 
 from regionmed_fast.errors import UserError
 
@@ -277,15 +280,11 @@ def load_run(path: str | os.PathLike) -> RunConfig:
     with open(path, "rb") as fh:
         data = fh.read()
     if ext == ".toml":
-        import tomllib
-
         try:
             raw = tomllib.loads(data.decode("utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise StageFileError(f"{path}: not valid TOML: {exc}") from None
     elif ext in (".yaml", ".yml", ".json"):
-        import yaml
-
         try:
             raw = yaml.safe_load(data)
         except yaml.YAMLError as exc:

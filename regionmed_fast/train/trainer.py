@@ -4,10 +4,18 @@
     from regionmed_fast.train.trainer import Trainer
     summary = Trainer(load_run("stages.yaml"), data="DATA_DIR_OR_SHARDS", out="runs/x").fit()
 
+Batches come from :func:`regionmed_fast.data.make_loader` (one loader per stage: the stage's
+image size, ``--loader auto|cpu|dali``, worker processes, box-aware random resized crop and
+side-aware flips), over the records of the trainer's ``split`` under the run's split rule
+(``RunConfig.split_rule``, the one ``regionmed-fast eval`` reads back from the saved model).
+The sample order and every crop are pure functions of (seed, stage, epoch, sample), so the
+position in a run is just (stage, step): ``--resume`` restarts the loader at that micro-batch.
+
 Under ``torchrun`` each process is one rank (gloo on CPUs, NCCL on GPUs); ``batch_size`` in the
-config is the GLOBAL micro-batch, split evenly over ranks, and the contrastive losses are taken
-over the global batch (embeddings are gathered), so a run gives the same result whatever the
-number of processes. One optimizer step = ``grad_accum`` micro-batches.
+config is the GLOBAL micro-batch, split evenly over ranks (rank ``r`` takes its elements
+``r::world``), and the contrastive losses are taken over the global batch (embeddings are
+gathered), so a run gives the same result whatever the number of processes. One optimizer
+step = ``grad_accum`` micro-batches.
 """
 from __future__ import annotations
 
@@ -19,9 +27,12 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from regionmed_fast.data.loader import make_loader
+from regionmed_fast.errors import UserError
+from regionmed_fast.model import create_model_and_transforms, get_tokenizer
 from regionmed_fast.train import checkpoint as ckpt_mod
-from regionmed_fast.train.data import SampleReader, StageStream, read_records
 from regionmed_fast.train.dist import Dist, LossGradScaling
 from regionmed_fast.train.freeze import apply_freeze
 from regionmed_fast.train.losses import (NonFiniteLossError, compute_losses, nonfinite_error,
@@ -39,8 +50,6 @@ _REGION_KEYS = ("boxes", "box_counts", "region_text_ids", "region_text_mask")
 
 def build_model(cfg: RunConfig):
     """``(model, tokenizer)`` of ``cfg.model``; the global-only baseline has its ROI processor off."""
-    from regionmed_fast.model import create_model_and_transforms, get_tokenizer
-
     kwargs = dict(cfg.model_args)
     if cfg.backend != "auto":  # the ROI processor's op follows the run's backend choice
         kwargs["roi"] = {**kwargs.get("roi", {}), "backend": cfg.backend}
@@ -71,7 +80,7 @@ class _StageRun:
     index: int
     stage: Stage
     image_size: int
-    loader: object  # .batches_per_epoch, .iterate(start, stop) -> (j, batch)
+    loader: object  # regionmed_fast.data.loader.Loader of this stage and rank
     total: int  # optimizer steps of the stage
     start: int  # optimizer steps already done (resume)
     net: torch.nn.Module  # the model as trained (DDP / compiled wrapper)
@@ -111,8 +120,9 @@ class Trainer:
                 raise ValueError(f"grad_checkpointing=True but {type(model).__name__} has no "
                                  "set_grad_checkpointing(enable) method")
             fn(True)
-        self.records = read_records(data, split)
-        self._readers: dict[int, SampleReader] = {}
+        if cfg.batch_size % self.dist.world:
+            raise UserError(f"batch_size={cfg.batch_size} (the global micro-batch) must be "
+                            f"divisible by the number of processes, {self.dist.world}")
         self.optimizer = self._make_optimizer()
         # the loss op has no "cuda" backend of its own (its GPU kernels are Triton)
         self._loss_backend = "auto" if cfg.backend == "cuda" else cfg.backend
@@ -163,11 +173,15 @@ class Trainer:
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6, **kw)
 
     def _stage_loader(self, si: int, size: int):
-        if size not in self._readers:
-            self._readers[size] = SampleReader(self.data, self.records, size, cache=True)
-        return StageStream(self._readers[size], batch_size=self.cfg.batch_size, seed=self.cfg.seed,
-                           stage=si, rank=self.dist.rank, world=self.dist.world,
-                           tokenizer=self.tokenizer, num_workers=self.cfg.num_workers)
+        """This rank's loader of stage ``si``: training augmentation, the run's split rule."""
+        cfg, dev = self.cfg, self.dist.device
+        return make_loader(
+            self.data, image_size=size, batch_size=cfg.batch_size // self.dist.world, train=True,
+            tokenizer=self.tokenizer, backend=cfg.loader, num_workers=cfg.num_workers,
+            seed=cfg.seed, stage=si, rank=self.dist.rank, world=self.dist.world,
+            skip_bad=cfg.skip_bad, cache_mb=cfg.cache_mb, split=self.split, **cfg.split_rule(),
+            flip_p=cfg.flip_p, scale=tuple(cfg.crop_scale),
+            device=dev if dev.type == "cuda" else None)
 
     def _freeze(self, stage: Stage) -> list[str]:
         """Set which parameters ``stage`` trains; returns their names."""
@@ -177,12 +191,10 @@ class Trainer:
     def _wrap(self) -> torch.nn.Module:
         net = self.model
         if self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
             # the set of trainable parameters changes per stage, so DDP is rebuilt per stage;
             # find_unused_parameters: a global-only stage never touches the ROI processor.
-            net = DDP(net, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
-                      find_unused_parameters=True)
+            ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+            net = DistributedDataParallel(net, device_ids=ids, find_unused_parameters=True)
         if self.cfg.compile:
             net = torch.compile(net)
         return net
@@ -296,6 +308,7 @@ class Trainer:
                              samples_per_step=self.cfg.batch_size * ga,
                              bar=self.progress and self.dist.main)
         micro = _rng_isolated(run.loader.iterate(run.start * ga, run.total * ga))
+        bpe = run.loader.batches_per_epoch
         for step in range(run.start, run.total):
             lr = lr_at(stage, step, run.total, run.base_lr)
             set_lr(self.optimizer, lr)
@@ -304,22 +317,40 @@ class Trainer:
             self.global_step += 1
             self.position = (si, step + 1)
             prog.tick()
+            # the epochs whose last micro-batch this step consumed
+            ended = range(step * ga // bpe, (step + 1) * ga // bpe)
             rec = None
-            if prog.due(step):
+            if prog.due(step) or ended:
                 rec = {"stage": stage.name, "stage_index": si, "step": step + 1,
                        "global_step": self.global_step, "loss": loss,
                        **{f"loss_{k}": v for k, v in parts.items()}, "lr": lr,
                        "grad_norm": grad_norm, "samples_per_s": prog.samples_per_s(),
-                       "epoch": (step + 1) * ga / run.loader.batches_per_epoch}
+                       "epoch": (step + 1) * ga / bpe}
+                if ended:
+                    rec["skipped_bad"] = self._epoch_skipped(run, ended[-1])
                 self.log.add(rec)
                 if self.on_step is not None:
                     self.on_step(self, rec)
             prog.show(rec)
             self._maybe_save(run, step)
         prog.close()
+        run.loader.close()
         self.position = (si + 1, 0)
         self._save()
         self.dist.barrier()
+
+    def _epoch_skipped(self, run: _StageRun, epoch: int) -> int:
+        """Bad records skipped in ``epoch`` of the stage over all ranks (every rank calls it at
+        the same step): the manifest's once, plus each rank's found at decode. Said on rank 0
+        when not zero."""
+        loader = run.loader
+        manifest = loader.manifest_skipped
+        decoded = self.dist.sum_int(loader.bad_counts.get(epoch, manifest) - manifest)
+        n = manifest + decoded
+        if n:
+            self._say(f"stage {run.index + 1} {run.stage.name!r} epoch {epoch}: skipped {n} bad "
+                      f"record(s) ({manifest} in the manifest, {decoded} at decode)")
+        return n
 
     def _accumulate(self, run: _StageRun, step: int,
                     micro: Iterator[tuple[int, dict]]) -> tuple[float, dict[str, float]]:
