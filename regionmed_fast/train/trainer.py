@@ -33,7 +33,7 @@ from regionmed_fast.data.loader import make_loader
 from regionmed_fast.errors import UserError
 from regionmed_fast.model import create_model_and_transforms, get_tokenizer
 from regionmed_fast.train import checkpoint as ckpt_mod
-from regionmed_fast.train.dist import Dist, LossGradScaling
+from regionmed_fast.train.dist import Dist
 from regionmed_fast.train.freeze import apply_freeze
 from regionmed_fast.train.losses import (NonFiniteLossError, compute_losses, nonfinite_error,
                                          nonfinite_outputs)
@@ -126,9 +126,6 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         # the loss op has no "cuda" backend of its own (its GPU kernels are Triton)
         self._loss_backend = "auto" if cfg.backend == "cuda" else cfg.backend
-        self._grad_scaling = LossGradScaling(
-            self.dist.world, [p for n, p in self.model.named_parameters()
-                              if n in ("logit_scale", "logit_bias")])
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.global_step = 0
@@ -367,7 +364,6 @@ class Trainer:
             loss_sum += value / ga
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / ga
-        self._grad_scaling.after_backward()
         return loss_sum, parts_sum
 
     def _micro_batch(self, run: _StageRun, step: int, m: int, j: int,
@@ -391,7 +387,7 @@ class Trainer:
             raise nonfinite_error(bad, value, parts, batch, stage=run.stage, stage_index=run.index,
                                   step=step, total=run.total, global_step=self.global_step,
                                   micro=m, epoch_batch=divmod(j, run.loader.batches_per_epoch))
-        self.scaler.scale(loss * self._grad_scaling.backward_factor(self.cfg.grad_accum)).backward()
+        self.scaler.scale(loss / self.cfg.grad_accum).backward()
         return value, {k: float(v.detach()) for k, v in parts.items()}
 
     def _optimizer_step(self, params: list[torch.nn.Parameter]) -> float:
