@@ -91,7 +91,8 @@ class _StageRun:
 
 class Trainer:
     """Runs the stages of ``cfg`` on ``data`` (its ``split`` records), writing
-    ``out/checkpoints/last.pt``, ``out/train_log.jsonl``, ``out/tb/`` and ``out/model/``.
+    ``out/checkpoints/last.pt``, ``out/train_log.jsonl``, ``out/tb/``, ``out/model/`` and
+    ``out/train_images.txt`` (every image a training batch held: what a held-out set must avoid).
 
     ``model``/``tokenizer`` may be given (else built from ``cfg.model``); ``resume=True``
     continues from ``out/checkpoints/last.pt`` when it exists. ``progress`` shows a tqdm bar on
@@ -129,6 +130,9 @@ class Trainer:
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.global_step = 0
+        # images of the batches consumed since the last checkpoint (written with it)
+        self._seen: set[str] = set()
+        self.images_path = os.path.join(out, "train_images.txt")
         self.position = (0, 0)  # (stage index, optimizer steps done in it)
         self.ckpt_path = os.path.join(out, "checkpoints", ckpt_mod.LAST)
         self.log = RunLog(out, main=self.dist.main, tensorboard=tensorboard, say=self._say)
@@ -137,6 +141,8 @@ class Trainer:
             self._load(self.ckpt_path)
         else:
             self.log.restart()
+            if self.dist.main and os.path.isfile(self.images_path):
+                os.remove(self.images_path)
 
     @property
     def history(self) -> list[dict]:
@@ -220,9 +226,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> None:
-        rng = self.dist.gather_objects(ckpt_mod.rng_state())
+        gathered = self.dist.gather_objects((ckpt_mod.rng_state(), sorted(self._seen)))
+        self._seen.clear()
+        rng = [g[0] for g in gathered]
         if not self.dist.main:
             return
+        self._write_images(set().union(*(g[1] for g in gathered)))
         state = {
             "format": ckpt_mod.FORMAT_VERSION,
             "config": self.cfg.fingerprint(),
@@ -237,6 +246,18 @@ class Trainer:
             "history": self.history,
         }
         ckpt_mod.atomic_save(state, self.ckpt_path)
+
+    def _write_images(self, seen: set[str]) -> None:
+        """Add the images not yet in ``OUT/train_images.txt`` (one path per line, as the
+        manifest names them): every image a batch of the run has held, up to the checkpoint."""
+        known = set()
+        if os.path.isfile(self.images_path):
+            with open(self.images_path) as fh:
+                known = set(fh.read().splitlines())
+        new = sorted(seen - known)
+        if new:
+            with open(self.images_path, "a") as fh:
+                fh.write("".join(f"{p}\n" for p in new))
 
     def _load(self, path: str) -> None:
         state = ckpt_mod.load(path)
@@ -357,6 +378,7 @@ class Trainer:
         loss_sum, parts_sum = 0.0, {}
         for m in range(ga):
             j, batch = next(micro)
+            self._seen.update(m["image"] for m in batch["meta"])
             sync = m == ga - 1 or self.dist.world == 1
             ctx = contextlib.nullcontext() if sync or not hasattr(run.net, "no_sync") else run.net.no_sync()
             with ctx:
