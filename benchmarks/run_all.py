@@ -148,6 +148,15 @@ def _dry_run(chosen: list[str], commands: dict[str, list[str]]) -> int:
     return 1 if bad else 0
 
 
+def render_study() -> None:
+    """The study's blocks in README.md and docs/evaluation.md, from its results file."""
+    from regionmed_fast.apps import study_report
+
+    changed = study_report.update_docs(os.path.dirname(HERE))
+    print(f"study blocks: {', '.join(changed) or 'already up to date'} "
+          f"(from {study_report.RESULTS_JSON})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
@@ -169,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme_only:
         changed = readme_perf.update_readme(readme, out_dir)
         print(f"{readme}: {'tables rendered again' if changed else 'already up to date'} from {out_dir}")
+        render_study()
         return 0
     os.makedirs(out_dir, exist_ok=True)
     tag = runner.machine_tag()
@@ -228,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.readme:
         readme_perf.update_readme(readme, out_dir)
         print(f"rendered the performance tables of {readme} again")
+        render_study()
     return 0 if all(summary["benches"][n]["status"] == "ok" for n in chosen) else 1
 
 

@@ -46,7 +46,7 @@ def _differences(ranks: dict[str, torch.Tensor], ks: Sequence[int], idx: torch.T
 def evaluate_retrieval(es: EvalSet, model, tokenizer: Tokenizer, rows: dict[str, torch.Tensor],
                        *, chunk_size: int = 1024, ks: Sequence[int] = (1, 5, 10),
                        top_texts: int = 3, n_boot: int = 1000, seed: int = 0,
-                       region_rows: bool = False) -> dict:
+                       region_rows: bool = False, keep_items: bool = False) -> dict:
     """Retrieval for every row of image embeddings (``rows``: name -> [N, D]).
 
     Returns a JSON-able dict: ``image_to_text[row]`` / ``text_to_image[row]`` summaries (R@K,
@@ -54,7 +54,9 @@ def evaluate_retrieval(es: EvalSet, model, tokenizer: Tokenizer, rows: dict[str,
     95 % intervals, when both exist), recall@K ``curves``, ``top_texts`` (per image, the indices
     into ``unique_texts`` of its best texts with the last row) and, with ``region_rows`` and
     annotated regions, ``region_to_text`` (the annotated boxes' region embeddings against the
-    distinct region phrases: an oracle-box task).
+    distinct region phrases: an oracle-box task). ``keep_items``: also ``items``, the per-query
+    ranks (int64 tensors, not JSON) with the query keys, for comparisons across models
+    (``regionmed_fast.eval.compare``).
     """
     uniq, tid = dedup_texts(es.texts)
     temb = encode_texts(model, tokenizer, uniq)
@@ -77,6 +79,9 @@ def evaluate_retrieval(es: EvalSet, model, tokenizer: Tokenizer, rows: dict[str,
     last = list(rows)[-1]
     _, top = topk_chunked(rows[last], temb, top_texts, chunk_size)
     res["top_texts"] = {"embedding": last, "indices": top.tolist(), "target": tid.tolist()}
+    if keep_items:
+        res["items"] = {"image_to_text": ranks_it, "text_to_image": ranks_ti,
+                        "image_keys": [r["image"] for r in es.records], "text_keys": uniq}
     if region_rows:
         res["region_to_text"] = _region_to_text(es, model, tokenizer, ks, chunk_size, n_boot, seed)
     return res

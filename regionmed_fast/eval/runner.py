@@ -108,7 +108,7 @@ def _parse_tasks(tasks: str | Sequence[str]) -> list[str]:
 
 def run_vqa(model, tokenizer: Tokenizer, data_dir, records: list[dict], eval_split: str | None,
             es: EvalSet, *, image_size: int, batch_size: int, split: dict, seed: int,
-            proposer: dict | None, n_boot: int) -> dict:
+            proposer: dict | None, n_boot: int, keep_items: bool = False) -> dict:
     """Train the VQA head on the train split, score on ``eval_split`` (see vqa.py)."""
     qa = read_qa(str(data_dir))
     source = "qa.jsonl"
@@ -134,7 +134,8 @@ def run_vqa(model, tokenizer: Tokenizer, data_dir, records: list[dict], eval_spl
             emb.setdefault(row, {}).update({r["image"]: e[i] for i, r in enumerate(s.records)})
     out = evaluate_vqa([q for q in qa if q["image"] in train_images],
                        [q for q in qa if q["image"] in test_images], emb, es.blank, model,
-                       tokenizer, seed=seed, qa_source=source, n_boot=n_boot)
+                       tokenizer, seed=seed, qa_source=source, n_boot=n_boot,
+                       keep_items=keep_items)
     out["oracle_boxes"] = "not run: the annotated boxes answer several generated questions"
     return out
 
@@ -167,7 +168,8 @@ def evaluate(model, data_dir: str | pathlib.Path, tasks: str | Sequence[str] = T
              batch_size: int = 32, chunk_size: int = 1024, group_key: str | None = None,
              test_fraction: float | None = None, val_fraction: float | None = None,
              seed: int = 0, records: list[dict] | None = None, proposer: dict | None = None,
-             prompt_sets="auto", n_boot: int = 1000, oracle: bool = True) -> dict:
+             prompt_sets="auto", n_boot: int = 1000, oracle: bool = True,
+             items: bool = False) -> dict:
     """Evaluate ``model`` (a RegionMedCLIP, or a path to a save_pretrained / run folder) on the
     ``split`` of the dataset folder ``data_dir``; deterministic for a given model, data and seed.
 
@@ -179,6 +181,9 @@ def evaluate(model, data_dir: str | pathlib.Path, tasks: str | Sequence[str] = T
     model's proposer settings); the ``oracle`` section (annotated boxes) is apart.
     ``report_dir``: write report.md, results.json, timing.json and PNG figures there.
     ``records``: pre-read manifest records (as ``read_manifest`` returns them).
+    ``items``: also return ``results["items"][task]``, the per-item values of the headline rows
+    (retrieval ranks, zero-shot scores, VQA correctness; tensors, never written to a report),
+    which ``regionmed_fast.eval.compare`` pairs across models and training seeds.
     Returns a JSON-able dict of every number (``report_files`` lists what was written).
     """
     tasks = _parse_tasks(tasks)
@@ -214,17 +219,22 @@ def evaluate(model, data_dir: str | pathlib.Path, tasks: str | Sequence[str] = T
             "n_boot": n_boot}
         runners = {
             "retrieval": lambda: evaluate_retrieval(es, model, tokenizer, rows,
-                                                    chunk_size=chunk_size, n_boot=n_boot, seed=seed),
+                                                    chunk_size=chunk_size, n_boot=n_boot, seed=seed,
+                                                    keep_items=items),
             "zeroshot": lambda: evaluate_zeroshot(es, model, tokenizer, rows,
-                                                  prompt_sets=prompt_sets, n_boot=n_boot, seed=seed),
+                                                  prompt_sets=prompt_sets, n_boot=n_boot, seed=seed,
+                                                  keep_items=items),
             "grounding": lambda: evaluate_grounding(es, model, tokenizer, batch_size=batch_size),
             "vqa": lambda: run_vqa(model, tokenizer, data_dir, records, split, es,
                                    image_size=image_size, batch_size=batch_size, split=rule,
-                                   seed=seed, proposer=proposer, n_boot=n_boot),
+                                   seed=seed, proposer=proposer, n_boot=n_boot,
+                                   keep_items=items),
         }
         for t in tasks:
             t1 = time.perf_counter()
             results[t] = runners[t]()
+            if isinstance(results[t], dict) and "items" in results[t]:
+                results.setdefault("items", {})[t] = results[t].pop("items")
             timing[t] = time.perf_counter() - t1
             log.info("eval %s done in %.1f s", t, timing[t])
         if oracle and any(t in ORACLE_TASKS for t in tasks):
@@ -234,7 +244,10 @@ def evaluate(model, data_dir: str | pathlib.Path, tasks: str | Sequence[str] = T
                                                 prompt_sets=prompt_sets)
             timing["oracle"] = time.perf_counter() - t1
     if report_dir is not None:
+        per_item = results.pop("items", None)  # tensors: returned, never written to results.json
         results["report_files"] = write_report(results, es, report_dir, timing=timing)
+        if per_item is not None:
+            results["items"] = per_item
     # wall times vary from run to run: returned, and written to timing.json, never to
     # results.json (which the same model, data and seed reproduce exactly)
     results["timing_s"] = timing

@@ -141,7 +141,8 @@ def _split_acc(correct: torch.Tensor, closed: torch.Tensor, idx: torch.Tensor) -
 def evaluate_vqa(train_qa: Sequence[dict], test_qa: Sequence[dict],
                  image_emb: dict[str, dict[str, torch.Tensor]], blank: dict[str, torch.Tensor],
                  model, tokenizer: Tokenizer, *, epochs: int = 150, lr: float = 3e-3,
-                 seed: int = 0, qa_source: str = "qa.jsonl", n_boot: int = 1000) -> dict:
+                 seed: int = 0, qa_source: str = "qa.jsonl", n_boot: int = 1000,
+                 keep_items: bool = False) -> dict:
     """Train a head per row on ``train_qa`` and score ``test_qa``.
 
     ``image_emb``: row name -> {image path (the manifest ``image`` field) -> float32 [D]};
@@ -149,6 +150,8 @@ def evaluate_vqa(train_qa: Sequence[dict], test_qa: Sequence[dict],
     whose image is missing raise an error naming it. Returns per row ``by_embedding[row]``
     (accuracy with ``accuracy_ci95``, closed/open accuracy, ``blank_image_control`` and
     ``minus_blank`` (paired interval)), ``differences`` of rows, the question prior.
+    ``keep_items``: also ``items`` (not JSON): per row the 0/1 ``correct`` float64 [Q] and its
+    ``blank_correct``, with the question keys, for comparisons across models.
     """
     for name, qa in (("train", train_qa), ("test", test_qa)):
         if not qa:
@@ -189,7 +192,7 @@ def evaluate_vqa(train_qa: Sequence[dict], test_qa: Sequence[dict],
                               "with a blank image's embedding for every image"),
                  "n_train": len(train_qa), "n_test": len(test_qa), "n_answers": len(answers),
                  "n_closed": int(closed.sum()), "n_open": int((~closed).sum())}
-    correct_of = {}
+    correct_of, blank_of = {}, {}
     for row in rows:
         emb = image_emb[row]
         xi = torch.stack([emb[q["image"]] for q in train_qa]).float()
@@ -197,7 +200,7 @@ def evaluate_vqa(train_qa: Sequence[dict], test_qa: Sequence[dict],
         correct, loss = fit_and_score(xi, ti)
         blank_correct, _ = fit_and_score(blank[row].float().expand_as(xi),
                                          blank[row].float().expand_as(ti))
-        correct_of[row] = correct
+        correct_of[row], blank_of[row] = correct, blank_correct
         r = _split_acc(correct, closed, idx)
         r["final_train_loss"] = loss
         r["blank_image_control"] = _split_acc(blank_correct, closed, idx)
@@ -217,4 +220,7 @@ def evaluate_vqa(train_qa: Sequence[dict], test_qa: Sequence[dict],
              for q in test_qa]
     res["prior_baseline"] = _split_acc(
         torch.tensor([p == g for p, g in zip(prior, gold)], dtype=torch.float64), closed, idx)
+    if keep_items:
+        res["items"] = {"correct": correct_of, "blank_correct": blank_of,
+                        "keys": [f"{q['image']}\t{q['question']}" for q in test_qa]}
     return res

@@ -115,7 +115,8 @@ def _scores_metrics(scores: torch.Tensor, yt: torch.Tensor, n_classes: int) -> d
 @torch.no_grad()
 def evaluate_zeroshot(es: EvalSet, model, tokenizer: Tokenizer, rows: dict[str, torch.Tensor],
                       *, classes: Sequence[str] | None = None, prompt_sets="auto",
-                      min_count: int = 1, n_boot: int = 1000, seed: int = 0) -> dict:
+                      min_count: int = 1, n_boot: int = 1000, seed: int = 0,
+                      keep_items: bool = False) -> dict:
     """Zero-shot numbers for every row of image embeddings (``rows``: name -> [N, D]).
 
     ``prompt_sets``: ``"auto"`` (from the records' modality), a family name of
@@ -123,7 +124,9 @@ def evaluate_zeroshot(es: EvalSet, model, tokenizer: Tokenizer, rows: dict[str, 
     Returns ``by_embedding[row]`` (ensemble: accuracy, balanced accuracy, macro AUROC, with
     ``_ci95`` intervals, per-class AUROC, confusion matrix; ``per_prompt_set`` metrics and
     their ``prompt_spread``), ``differences`` (rows minus ``global``), class support and a
-    majority-class baseline.
+    majority-class baseline. ``keep_items``: also ``items`` (not JSON): the targets ``y`` int64
+    [n], each row's cosine ``scores`` float [n, C] and the image keys, for comparisons across
+    models (``regionmed_fast.eval.compare``).
     """
     family, sets = _resolve_sets(es.records, prompt_sets)
     classes, y = primary_labels(es.labels, classes, min_count)
@@ -143,9 +146,10 @@ def evaluate_zeroshot(es: EvalSet, model, tokenizer: Tokenizer, rows: dict[str, 
                  "majority_baseline": {"accuracy": max(support) / max(len(yt), 1),
                                        "balanced_accuracy": 1 / max(sum(1 for c in support if c), 1)}}
     idx = bootstrap_indices(len(yt), n_boot, seed)
-    per_row = {}
+    per_row, row_scores = {}, {}
     for row, emb in rows.items():
         scores = emb[keep] @ cemb.T
+        row_scores[row] = scores
         boot_auroc = macro_auroc_resampled(yt, scores, idx)
         m = _scores_metrics(scores, yt, len(classes))
         pred = m.pop("pred")
@@ -174,6 +178,9 @@ def evaluate_zeroshot(es: EvalSet, model, tokenizer: Tokenizer, rows: dict[str, 
         per_row[row] = (correct, r["macro_auroc"], boot_auroc)
     if GLOBAL in rows and len(rows) > 1:
         res["differences"] = _differences(per_row, idx)
+    if keep_items:
+        res["items"] = {"y": yt, "scores": row_scores,
+                        "image_keys": [es.records[i]["image"] for i in keep.tolist()]}
     return res
 
 
