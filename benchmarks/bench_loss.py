@@ -1,17 +1,20 @@
-"""Benchmark of the chunked CLIP loss, forward + backward (DESIGN.md 3.3, issue 2).
+"""Benchmark of the chunked CLIP loss, forward + backward, against open_clip.ClipLoss.
 
 Cases, side by side in one run, per batch size B (N = M = B, D = 512):
-``reference`` (plain PyTorch, full logits), ``open_clip.ClipLoss`` (the baseline), ours with
-``backend="auto"`` and ours with the chunked path forced (``cpu`` tiles on a CPU, ``triton``
-on a GPU), and on a GPU ``inf_cl`` when it is importable. Gradients flow to both embeddings
-and to the (learnable, exponentiated) logit scale.
+``open_clip.ClipLoss`` (the baseline), ``reference`` (plain PyTorch, full logits), ours with
+``backend="auto"`` (what a user gets), ours forced onto each of auto's two paths (``torch-full``:
+the whole logits; ``cpu`` tiles on a CPU, ``triton`` on a GPU) so the crossover between them
+shows, and on a GPU ``inf_cl`` when it is importable. Gradients flow to both embeddings and to
+the (learnable, exponentiated) logit scale. Cases whose full logits would not fit are left out
+(full-logits cases above ``FULL_MAX_B``); the forced tiled case is left out where auto already
+takes it (the same code).
 
 Floor: the math needs four B x B x D matrix products (one forward, three backward with
 recomputation); ``img @ txt.T`` of the same size is timed in the same run and the floor is
 4x that. Ratios: ``speedup vs open_clip`` (baseline time / case time), ``memory vs
 open_clip`` (case / baseline extra peak memory) and ``time / floor``.
 
-    python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--sizes 1024,4096,16384]
+    python benchmarks/bench_loss.py [--quick] [--device cpu|cuda] [--sizes 128,1024,65536]
 """
 from __future__ import annotations
 
@@ -27,10 +30,19 @@ sys.path.insert(0, HERE)
 
 import runner  # noqa: E402
 
+from regionmed_fast.errors import require  # noqa: E402
 from regionmed_fast.ops import chunked_clip_loss  # noqa: E402
+from regionmed_fast.ops.loss import FULL_LOGITS_MAX  # noqa: E402
 from regionmed_fast.ops.loss_reference import clip_loss_reference  # noqa: E402
 
 BASELINE = "open_clip.ClipLoss"
+FULL = "ours-torch-full (forced)"
+TILED = "ours-{} (tiled)"
+#: Largest B whose full-logits cases run, per device: open_clip keeps ~4 copies of the
+#: B x B fp32 logits (16 GiB at 32768), more than this machine's memory beside the rest.
+FULL_MAX_B = {"cpu": 16384, "cuda": 32768}
+#: Largest B of the forced torch-full case (auto leaves it at 2048 on a CPU, 4096 on a GPU)
+FORCED_FULL_MAX_B = {"cpu": 8192, "cuda": 16384}
 
 
 def _exact_cpu_peaks() -> None:
@@ -72,19 +84,20 @@ def _inf_cl():
 
 
 def impls(device: str, forced: str):
-    import open_clip
-
+    open_clip = require("open_clip", extra="test", purpose="bench_loss (its baseline open_clip.ClipLoss)",
+                        pip_name="open-clip-torch")
     clip = open_clip.loss.ClipLoss()
     out = [
         (BASELINE, lambda x, y, s: clip(x, y, s)),
         ("reference", lambda x, y, s: clip_loss_reference(x, y, s)),
         ("ours-auto", lambda x, y, s: chunked_clip_loss(x, y, s)),
+        (FULL, lambda x, y, s: chunked_clip_loss(x, y, s, backend="torch-full")),
     ]
     if forced == "triton":  # auto is already triton: force a small backward buffer instead
         out.append(("ours-triton (1024-row chunks)",
                     lambda x, y, s: chunked_clip_loss(x, y, s, backend="triton", chunk_size=(1024, 1))))
     else:
-        out.append((f"ours-{forced} (tiled)",
+        out.append((TILED.format(forced),
                     lambda x, y, s: chunked_clip_loss(x, y, s, backend=forced, chunk_size=_forced_tile())))
     if device == "cuda":
         fn, why = _inf_cl()
@@ -101,9 +114,24 @@ def _forced_tile():
     return DEFAULT_TILE
 
 
+#: Above this many bytes of logits the floor's GEMM runs in row blocks into one reused buffer:
+#: the whole B x B output (16 GiB at B = 65536) would not fit beside the rest.
+FLOOR_WHOLE_BYTES = 2**30
+
+
 def gemm_floor_ms(x: torch.Tensor, y: torch.Tensor, device: str, repeats: int) -> float:
-    """4 x the median time of ``x @ y.T`` (the logits GEMM) measured now."""
-    times = runner.time_fn(lambda: x @ y.T, device, warmup=1, repeats=repeats, max_seconds=20)
+    """4 x the median time of ``x @ y.T`` (the logits GEMM) measured now; the same FLOPs in
+    row blocks where the whole output would exceed ``FLOOR_WHOLE_BYTES``."""
+    fn = lambda: x @ y.T  # noqa: E731
+    if x.shape[0] * y.shape[0] * x.element_size() > FLOOR_WHOLE_BYTES:
+        rows = max(1, FLOOR_WHOLE_BYTES // 8 // (y.shape[0] * x.element_size()))
+        buf = torch.empty(rows, y.shape[0], dtype=x.dtype, device=x.device)
+
+        def fn():
+            for r0 in range(0, x.shape[0], rows):
+                r1 = min(r0 + rows, x.shape[0])
+                torch.mm(x[r0:r1], y.T, out=buf[: r1 - r0])
+    times = runner.time_fn(fn, device, warmup=1, repeats=repeats, max_seconds=20)
     return 4 * statistics.median(times)
 
 
@@ -137,6 +165,20 @@ def cases_for(B: int, D: int, dtype: torch.dtype, device: str, forced: str, repe
     return cases, {group: BASELINE}, {group: floor}
 
 
+def _left_out(B: int, dtype: torch.dtype, device: str, forced: str) -> set[str]:
+    """The cases that would not fit at this B, and the forced tiled case where auto is it."""
+    out = set()
+    if B > FULL_MAX_B[device] or (device == "cuda" and B * B * dtype.itemsize > 8 * 2**30):
+        out |= {BASELINE, "reference"}
+    elif device == "cuda" and B >= 32768 or device == "cpu" and B > 8192:
+        out |= {"reference"}  # the same full-logits math as open_clip, more memory
+    if B > FORCED_FULL_MAX_B[device]:
+        out.add(FULL)
+    if forced == "cpu" and B * B > FULL_LOGITS_MAX["cpu"]:
+        out.add(TILED.format(forced))  # auto's own path here
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = runner.common_args(__doc__.split("\n")[0])
     p.add_argument("--sizes", default=None, help="comma-separated batch sizes (default per device)")
@@ -155,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         dtypes = [torch.bfloat16] if args.quick else [torch.float32, torch.bfloat16]
     else:
         forced = "cpu"
-        default = "256,1024" if args.quick else "1024,4096,16384"
+        default = "128,512,2048" if args.quick else "128,256,512,1024,2048,4096,8192,16384,32768,65536"
         dtypes = [torch.float32]
     sizes = [int(s) for s in (args.sizes or default).split(",")]
     repeats = 3 if args.quick else args.repeats
@@ -164,19 +206,17 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for dtype in dtypes:
         for B in sizes:
-            skip = {n for n in args.skip.split(",") if n}
-            if device == "cuda" and (B * B * (4 if dtype == torch.float32 else 2)) > 8 * 2**30:
-                skip |= {BASELINE, "reference"}  # full logits would not fit next to their copies
-            elif device == "cuda" and B >= 32768:
-                skip |= {"reference"}  # the same full-logits math as open_clip
+            skip = {n for n in args.skip.split(",") if n} | _left_out(B, dtype, device, forced)
             cases, baselines, floors = cases_for(B, args.dim, dtype, device, forced, repeats, skip)
             big = device == "cpu" and B >= 8192  # a call takes seconds: the memory call warms up
             results += runner.run_cases(cases, warmup=0 if big else 1, repeats=repeats,
                                         max_seconds=10 if args.quick else 30,
                                         baselines=baselines, floors=floors)
-    extra = {"quick": args.quick, "load_avg_start": load, "load_avg_end": os.getloadavg(),
-             "size_label": "batch size B (N = M)", "floor": "4 x time of img @ txt.T, same run"}
-    json_path, md_path = runner.save("loss", results, extra, out_dir=args.out)
+            # saved after every size: a run stopped at B = 65536 keeps the smaller sizes
+            extra = {"quick": args.quick, "load_avg_start": load, "load_avg_end": os.getloadavg(),
+                     "size_label": "batch size B (N = M)",
+                     "floor": "4 x time of img @ txt.T, same run (in row blocks above 1 GiB of logits)"}
+            json_path, md_path = runner.save("loss", results, extra, out_dir=args.out)
     print(runner.markdown_table(results, "bench_loss"))
     print(f"wrote {json_path} and {md_path}")
     return 0

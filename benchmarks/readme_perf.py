@@ -59,6 +59,8 @@ GOALS: list[tuple[str, str, str, str, Callable[[Rows], bool] | None]] = [
                    and r["ratios"]["memory vs open_clip.ClipLoss"] <= 0.05
                    for r in g if r["name"] == "ours-auto")),
     ("cpu", "loss", r"B=1024 ", ">= 1.0x", lambda g: _best(g, ("ours-auto",)) >= 1.0),
+    ("cpu", "loss", r"B=(128|256|512|2048|4096|8192) ", "never slower: auto >= 1.0x",
+     lambda g: _best(g, ("ours-auto",)) >= 1.0),
     ("gpu", "loss", r"B=65536 ", "faster than open_clip and inf_cl",
      lambda g: _best(g, ("ours-auto",)) > 1.0 and _best(g, ("ours-auto",)) > _best(g, ("inf_cl",))),
     ("cpu", "data", r"^synthetic\d+ x\d+$", ">= 1.5x", lambda g: _best(g, ("ours cpu w2",)) >= 1.5),

@@ -140,7 +140,8 @@ def _in_memory_trainer(device: str):
 
     class Replay:
         def __init__(self, loader, stop: int):
-            self.batches_per_epoch = loader.batches_per_epoch
+            self.loader, self.batches_per_epoch = loader, loader.batches_per_epoch
+            self.manifest_skipped, self.bad_counts = 0, {}
             self.batches = []
             for j, b in loader.iterate(0, stop):
                 self.batches.append((j, {k: v.to(device) if torch.is_tensor(v) else v
@@ -150,6 +151,9 @@ def _in_memory_trainer(device: str):
 
         def iterate(self, start: int, stop: int):
             return iter(self.batches[start:stop])
+
+        def close(self) -> None:
+            self.loader.close()
 
     class InMemoryTrainer(Trainer):
         def _stage_loader(self, si, size):

@@ -113,8 +113,41 @@ def test_random_shapes_cpu_vs_reference(n, m, d, groups, beta, kind, cr, cc, see
     _check("cpu", n, m, d, kind=kind, beta=beta if kind == "softmax" else 0.0, ids=ids, chunk=(cr, cc))
 
 
-def test_reference_backend_is_the_reference():
-    _check("reference", 9, 6, 4, ids=_ids(9, 6, 3), beta=0.2)
+def _loop_loss(s: torch.Tensor, pos: torch.Tensor, beta: float) -> torch.Tensor:
+    """The softmax loss from its definition, one row at a time (docs/loss.md's formula)."""
+    def direction(s, pos):
+        terms = []
+        for i in range(s.shape[0]):
+            p, neg = s[i][pos[i]], s[i][~pos[i]]
+            if p.numel() == 0:
+                continue
+            d = p.exp().sum()
+            if neg.numel():
+                w = neg.numel() * torch.exp(beta * neg) / torch.exp(beta * neg).sum()  # HN-NCE weights
+                d = d + (w * neg.exp()).sum()
+            terms.append(torch.log(d) - p.mean())
+        return torch.stack(terms).mean()
+
+    return 0.5 * (direction(s, pos) + direction(s.T, pos.T))
+
+
+def test_reference_is_the_loss_of_its_definition():
+    """The ground truth against independent writings: open_clip (diagonal) and a per-row loop
+    (group ids, rows without a positive, HN-NCE); backend='reference' is this function."""
+    x, y = _inputs(9, 9, 4)
+    for kw, theirs in ((dict(), open_clip.loss.ClipLoss()(x, y, 7.0)),
+                       (dict(kind="sigmoid"), open_clip.loss.SigLipLoss()(x, y, 7.0, -1.5))):
+        assert_close(clip_loss_reference(x, y, 7.0, -1.5, **kw), theirs, name=f"reference {kw} vs open_clip")
+    x, y = _inputs(9, 6, 4, seed=3)
+    ids = _ids(9, 6, 4)
+    pos = ids[0][:, None] == ids[1][None, :]
+    assert not bool(pos.any(1).all()), "the case needs a row without a positive"
+    for beta in (0.0, 0.7):
+        want = _loop_loss(7.0 * x @ y.T, pos, beta)
+        got = clip_loss_reference(x, y, 7.0, positives=ids, hard_negative_beta=beta)
+        assert_close(got, want, name=f"reference beta={beta} vs the per-row loop")
+        assert_close(chunked_clip_loss(x, y, 7.0, positives=ids, hard_negative_beta=beta, backend="reference"),
+                     want, name="backend='reference'")
 
 
 # --- open_clip ------------------------------------------------------------------------------

@@ -35,9 +35,10 @@ __all__ = ["chunked_clip_loss", "BACKENDS", "CPU_SINGLE_TILE_BYTES", "FULL_LOGIT
 
 _OP = "chunked_clip_loss"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-#: With ``chunk_size=None`` the cpu backend computes the logits as one tile up to this size (fp32)
-#: and in ``loss_cpu.DEFAULT_TILE`` tiles above: measured, tiles are as fast from 4096^2 on and
-#: use O(tile) memory (the triton backend's own limit is ``kernels/loss.py: BWD_BUFFER_BYTES``).
+#: With ``chunk_size=None`` the cpu backend computes the logits as one row block per thread up
+#: to this size (fp32) and in ``loss_cpu.DEFAULT_TILE`` tiles above, which cost O(tile) memory
+#: and are no slower there (docs/loss.md; the triton backend's own limit is
+#: ``kernels/loss.py: BWD_BUFFER_BYTES``).
 CPU_SINGLE_TILE_BYTES = 16 * 2**20
 #: ``auto`` (one process, ``chunk_size=None``) computes the whole ``N x M`` logits
 #: (``torch-full``) while ``N * M`` is at most this, per device type, and tiles above; see
@@ -80,6 +81,7 @@ class _Spec:
     sizes_t: list[int]      # every rank's number of texts
     local_loss: bool        # this rank's rows as queries (only under a group of 2+ ranks)
     gather_with_grad: bool  # gradients of every rank's loss reach the features' owner
+    diagonal: bool = False  # one process, image i's only positive is text i (no group sums)
 
     @property
     def text_offset(self) -> int:
@@ -208,12 +210,13 @@ class _ClipLossFn(torch.autograd.Function):
         cnt_i = torch.bincount(spec.gi_all, minlength=spec.groups)
         p_loc, q_loc = cnt_t[spec.gi], cnt_i[spec.gt]   # positives of each local image / text
         s64 = scale.to(F64)
-        ysum = _gsum(spec, spec.gt, yc)                 # [G, D]: each group's texts, summed
-        pos_r = rowdot(xc, ysum[spec.gi]) * s64         # sum over image i's positives of t_ij
+        # [G, D]: each group's texts, summed (the diagonal: the texts themselves, no copies)
+        ysum = None if spec.diagonal else _gsum(spec, spec.gt, yc)
+        pos_r = rowdot(xc, yc if spec.diagonal else ysum[spec.gi]) * s64  # sum over i's positives of t_ij
         ll = spec.local_loss
         if spec.kind == "softmax":
-            xsum = _gsum(spec, spec.gi, xc)
-            pos_c = rowdot(yc, xsum[spec.gt]) * s64
+            xsum = None if spec.diagonal else _gsum(spec, spec.gi, xc)
+            pos_c = pos_r if spec.diagonal else rowdot(yc, xsum[spec.gt]) * s64
             q_all = cnt_i[spec.gt_all]
             valid_r, valid_c, valid_call = p_loc > 0, q_loc > 0, q_all > 0
             nv, mv = int((cnt_t[spec.gi_all] > 0).sum()), int(valid_call.sum())
@@ -274,9 +277,17 @@ class _ClipLossFn(torch.autograd.Function):
             gi, gt = (spec.gi, spec.gt_all) if hard else (None, None)
             rs, cs = ctx.shifts
             # the positive part's gradients: query side (a row's own term) and key side
-            qx = ysum[spec.gi].mul_(a[:, None])                     # x_i in its row term
-            qy = xsum[spec.gt].mul_(b[:, None])                     # y_j in its column term
-            if not ll:
+            if not spec.diagonal:
+                qx = ysum[spec.gi].mul_(a[:, None])                 # x_i in its row term
+                qy = xsum[spec.gt].mul_(b[:, None])                 # y_j in its column term
+            if spec.diagonal:  # x_i's positive-part gradient is y_i (a_i + b_i), y_i's x_i (a_i + b_i)
+                gx, gy = _softmax_grads(eng, x, yg, scale, gi, gt, spec.beta, rs, cs, spec.tile)
+                ab = (a + b)[:, None]
+                gx = gx.to(cd).sub_(yc * ab)
+                gy = gy.to(cd).sub_(xc * (ab * s))
+                gscale = rowdot(xc, gx).sum()
+                grad_x, grad_y = gx.mul_(s), gy
+            elif not ll:
                 gx, gy = _softmax_grads(eng, x, yg, scale, gi, gt, spec.beta, rs, cs, spec.tile)
                 gx = gx.to(cd).sub_(qx).sub_(_gsum(spec, spec.gt, yc, b)[spec.gi])
                 gy = comm.sum(gy.to(cd))[loc].sub_((qy + _gsum(spec, spec.gi, xc, a)[spec.gt]) * s)
@@ -300,8 +311,12 @@ class _ClipLossFn(torch.autograd.Function):
                     grad_y += red[m_all:][loc] - _gsum(spec, spec.gi, xc, a)[spec.gt] * s
         else:
             gx, gy, gsum = _sigmoid_grads(eng, x, yg, scale, bias, ctx.coef, spec.tile)
-            gx = gx.to(cd).sub_(ysum[spec.gi].mul_(ctx.coef))
-            gy = comm.sum(gy.to(cd))[loc].sub_(_gsum(spec, spec.gi, xc * ctx.coef)[spec.gt].mul_(s))
+            if spec.diagonal:
+                gx = gx.to(cd).sub_(yc * ctx.coef)
+                gy = gy.to(cd).sub_(xc * (ctx.coef * s))
+            else:
+                gx = gx.to(cd).sub_(ysum[spec.gi].mul_(ctx.coef))
+                gy = comm.sum(gy.to(cd))[loc].sub_(_gsum(spec, spec.gi, xc * ctx.coef)[spec.gt].mul_(s))
             gscale, gbias = rowdot(xc, gx).sum(), gsum - ctx.coef * ctx.npos
             if not ll:
                 gscale, gbias = comm.sum(gscale), comm.sum(gbias)
@@ -489,7 +504,8 @@ def chunked_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_sca
         bias_t = bias
     multi = comm.world > 1
     spec = _Spec(kind, beta, _engine(chosen), tile, comm, gi, gt, gi_all, gt_all, groups,
-                 sizes_i, sizes_t, local_loss and multi, gather_with_grad and multi)
+                 sizes_i, sizes_t, local_loss and multi, gather_with_grad and multi,
+                 diagonal=positives is None and not multi)
     return _ClipLossFn.apply(image_emb.contiguous(), text_emb.contiguous(), scale, bias_t, spec)
 
 

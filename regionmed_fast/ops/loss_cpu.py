@@ -1,17 +1,14 @@
 """The ``cpu`` backend of the chunked CLIP loss: tiled PyTorch, one GEMM per logits tile.
 
 Why tiles: a ``256 x 1024`` fp32 tile (1 MiB) stays in a core's L2, so the max / exp / sum
-passes that follow its GEMM run from cache, and tile GEMMs are faster than one GEMM writing the
-full ``N x M`` matrix (which is memory-bound: 8192^2 x 512 on this 2-core EPYC, 365 ms tiled vs
-745 ms whole).
+passes that follow its GEMM run from cache, and tile GEMMs beat one GEMM writing the full
+``N x M`` matrix, which is memory-bound (measurements: docs/loss.md, Design notes).
 
-Why threads over tiles, not inside ops: each tile op is small (~1 ms), and with PyTorch's
-intra-op threading every one of them ends in an OpenMP barrier. On a busy machine a barrier
-waits for a descheduled thread: at B=4096 on this shared machine the 2-thread intra-op version
-burnt 3.3 s of CPU against 0.8 s single-threaded. So the row blocks are shared out to
-``torch.get_num_threads()`` worker threads that each run single-threaded ops on their own
-tiles (GEMMs and exps release the GIL); column statistics / text gradients are accumulated per
-worker and merged at the end.
+Why threads over tiles, not inside ops: each tile op is small, and with PyTorch's intra-op
+threading every one of them ends in an OpenMP barrier, which on a busy machine waits for a
+descheduled thread. So the row blocks are shared out to ``torch.get_num_threads()`` worker
+threads that each run single-threaded ops on their own tiles (GEMMs and exps release the GIL);
+column statistics / text gradients are accumulated per worker and merged at the end.
 
 Every function takes the *local* rows ``x [n, D]`` (unscaled) and the columns ``y [M, D]`` it is
 compared with, and works in float32 (float64 for float64 inputs). ``t_ij = scale * <x_i, y_j>``
@@ -28,8 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import torch.nn.functional as F
 
-#: Default (rows, cols) of a logits tile. Single-threaded CPU time at B=4096, D=512 (fwd+bwd):
-#: 256x1024 0.81 s, 512x2048 0.79 s, 1024x4096 0.82 s, 4096^2 0.89 s: a tile in L2 is enough.
+#: Default (rows, cols) of a logits tile: one tile in L2 is enough (docs/loss.md, Design notes).
 DEFAULT_TILE = (256, 1024)
 
 _pool: ThreadPoolExecutor | None = None
@@ -42,8 +38,7 @@ def threads_as_workers():
     """Run the enclosed PyTorch ops single-threaded; the tile loops use the thread count.
 
     The loss's O((N + M) D) ops are small: under intra-op threading each ends in an OpenMP
-    barrier, which on a busy machine costs a scheduler slice (measured here: a 256 x 512 exp
-    took 7.9 ms with 2 threads, 0.09 ms with 1).
+    barrier, which on a busy machine costs a scheduler slice (docs/loss.md, Design notes).
     """
     prev = torch.get_num_threads()
     _workers.n = prev

@@ -1,8 +1,4 @@
-"""The trainer's view of torch.distributed: one process, or one rank of a torchrun job.
-
-Also how the loss op's per-rank gradients become the gradient of the global-batch loss under
-DDP (:class:`LossGradScaling`), kept in one small class so it can change with the op.
-"""
+"""The trainer's view of torch.distributed: one process, or one rank of a torchrun job."""
 from __future__ import annotations
 
 import os
@@ -68,23 +64,3 @@ class Dist:
     def close(self) -> None:
         if self.owns_group:
             tdist.destroy_process_group()
-
-
-class LossGradScaling:
-    """The loss op (``chunked_clip_loss`` with a group) gives each rank the gradient of the
-    GLOBAL loss for its own shard of the embeddings, and the FULL gradient of the inputs every
-    rank shares (``logit_scale``, ``logit_bias``). DDP then averages over ranks, so the backward
-    is scaled by ``world / grad_accum`` and, after the last micro-batch, the shared parameters'
-    gradients are divided by ``world`` again (the factor overcounts them)."""
-
-    def __init__(self, world: int, shared: list[torch.nn.Parameter]):
-        self.world, self.shared = world, shared
-
-    def backward_factor(self, grad_accum: int) -> float:
-        return self.world / grad_accum
-
-    def after_backward(self) -> None:
-        if self.world > 1:
-            for p in self.shared:
-                if p.grad is not None:
-                    p.grad.div_(self.world)

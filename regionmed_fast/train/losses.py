@@ -74,17 +74,19 @@ def compute_losses(out: dict, batch: dict, stage: Stage, *, backend: str = "auto
 
     ``out`` is ``RegionMedCLIP.forward(batch)``'s dict. Returns ``(total, parts)`` where ``parts``
     maps each loss name to its unweighted scalar; ``stage.loss`` picks softmax (CLIP) or sigmoid
-    (SigLIP, which trains ``logit_bias``) for all of them. With a ``group``, each rank passes its shard
-    and gets the global-batch loss, whose gradient reaches only its own shard (so under DDP,
-    which averages gradients over ranks, the trainer scales the backward by the world size). A stage asking for region losses of a model
-    without an ROI processor is an error; a batch with no regions anywhere gives a region loss of
+    (SigLIP, which trains ``logit_bias``) for all of them. With a ``group``, each rank passes its
+    shard and gets the global-batch loss with ``gather_with_grad=True``: DDP's average of the
+    ranks' gradients is then the one-process gradient, with no rescaling by hand. A stage asking
+    for region losses of a model without an ROI processor is an error; a batch with no regions anywhere gives a region loss of
     zero that still touches the region parameters (so DDP sees the same graph on every rank).
     """
     scale = out["logit_scale"]
     bias = out.get("logit_bias")
     beta = float(stage.hard_negative_beta)
+    # gather_with_grad: each rank's feature gradients are world_size x those of the global loss,
+    # so DDP's average over ranks is the one-process gradient (docs/loss.md)
     kw = {"hard_negative_beta": beta, "kind": stage.loss, "chunk_size": chunk_size, "group": group,
-          "backend": backend}
+          "gather_with_grad": group is not None, "backend": backend}
     device = out["text"].device
     txt_ids = text_group_ids(batch["texts"], device)
     parts: dict[str, torch.Tensor] = {}

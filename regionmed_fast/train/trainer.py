@@ -33,7 +33,7 @@ from regionmed_fast.data.loader import make_loader
 from regionmed_fast.errors import UserError
 from regionmed_fast.model import create_model_and_transforms, get_tokenizer
 from regionmed_fast.train import checkpoint as ckpt_mod
-from regionmed_fast.train.dist import Dist, LossGradScaling
+from regionmed_fast.train.dist import Dist
 from regionmed_fast.train.freeze import apply_freeze
 from regionmed_fast.train.losses import (NonFiniteLossError, compute_losses, nonfinite_error,
                                          nonfinite_outputs)
@@ -91,7 +91,8 @@ class _StageRun:
 
 class Trainer:
     """Runs the stages of ``cfg`` on ``data`` (its ``split`` records), writing
-    ``out/checkpoints/last.pt``, ``out/train_log.jsonl``, ``out/tb/`` and ``out/model/``.
+    ``out/checkpoints/last.pt``, ``out/train_log.jsonl``, ``out/tb/``, ``out/model/`` and
+    ``out/train_images.txt`` (every image a training batch held: what a held-out set must avoid).
 
     ``model``/``tokenizer`` may be given (else built from ``cfg.model``); ``resume=True``
     continues from ``out/checkpoints/last.pt`` when it exists. ``progress`` shows a tqdm bar on
@@ -126,12 +127,12 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         # the loss op has no "cuda" backend of its own (its GPU kernels are Triton)
         self._loss_backend = "auto" if cfg.backend == "cuda" else cfg.backend
-        self._grad_scaling = LossGradScaling(
-            self.dist.world, [p for n, p in self.model.named_parameters()
-                              if n in ("logit_scale", "logit_bias")])
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.global_step = 0
+        # images of the batches consumed since the last checkpoint (written with it)
+        self._seen: set[str] = set()
+        self.images_path = os.path.join(out, "train_images.txt")
         self.position = (0, 0)  # (stage index, optimizer steps done in it)
         self.ckpt_path = os.path.join(out, "checkpoints", ckpt_mod.LAST)
         self.log = RunLog(out, main=self.dist.main, tensorboard=tensorboard, say=self._say)
@@ -140,6 +141,8 @@ class Trainer:
             self._load(self.ckpt_path)
         else:
             self.log.restart()
+            if self.dist.main and os.path.isfile(self.images_path):
+                os.remove(self.images_path)
 
     @property
     def history(self) -> list[dict]:
@@ -223,9 +226,12 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def _save(self) -> None:
-        rng = self.dist.gather_objects(ckpt_mod.rng_state())
+        gathered = self.dist.gather_objects((ckpt_mod.rng_state(), sorted(self._seen)))
+        self._seen.clear()
+        rng = [g[0] for g in gathered]
         if not self.dist.main:
             return
+        self._write_images(set().union(*(g[1] for g in gathered)))
         state = {
             "format": ckpt_mod.FORMAT_VERSION,
             "config": self.cfg.fingerprint(),
@@ -240,6 +246,18 @@ class Trainer:
             "history": self.history,
         }
         ckpt_mod.atomic_save(state, self.ckpt_path)
+
+    def _write_images(self, seen: set[str]) -> None:
+        """Add the images not yet in ``OUT/train_images.txt`` (one path per line, as the
+        manifest names them): every image a batch of the run has held, up to the checkpoint."""
+        known = set()
+        if os.path.isfile(self.images_path):
+            with open(self.images_path) as fh:
+                known = set(fh.read().splitlines())
+        new = sorted(seen - known)
+        if new:
+            with open(self.images_path, "a") as fh:
+                fh.write("".join(f"{p}\n" for p in new))
 
     def _load(self, path: str) -> None:
         state = ckpt_mod.load(path)
@@ -360,6 +378,7 @@ class Trainer:
         loss_sum, parts_sum = 0.0, {}
         for m in range(ga):
             j, batch = next(micro)
+            self._seen.update(m["image"] for m in batch["meta"])
             sync = m == ga - 1 or self.dist.world == 1
             ctx = contextlib.nullcontext() if sync or not hasattr(run.net, "no_sync") else run.net.no_sync()
             with ctx:
@@ -367,7 +386,6 @@ class Trainer:
             loss_sum += value / ga
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / ga
-        self._grad_scaling.after_backward()
         return loss_sum, parts_sum
 
     def _micro_batch(self, run: _StageRun, step: int, m: int, j: int,
@@ -391,7 +409,7 @@ class Trainer:
             raise nonfinite_error(bad, value, parts, batch, stage=run.stage, stage_index=run.index,
                                   step=step, total=run.total, global_step=self.global_step,
                                   micro=m, epoch_batch=divmod(j, run.loader.batches_per_epoch))
-        self.scaler.scale(loss * self._grad_scaling.backward_factor(self.cfg.grad_accum)).backward()
+        self.scaler.scale(loss / self.cfg.grad_accum).backward()
         return value, {k: float(v.detach()) for k, v in parts.items()}
 
     def _optimizer_step(self, params: list[torch.nn.Parameter]) -> float:
