@@ -1,4 +1,4 @@
-"""Benchmark of a whole progressive-training step (DESIGN.md section 9, issue 7).
+"""Benchmark of a whole progressive-training step (docs/design.md section 8).
 
 One step of the hierarchical stage (global + region + fused losses, HN-NCE beta 0.5): forward of
 both towers and the ROI processor, the three chunked CLIP losses, backward, AdamW (foreach on
